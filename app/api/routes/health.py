@@ -1,0 +1,30 @@
+"""Liveness, readiness and Prometheus metrics."""
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.api.deps import RuntimeDep
+from app.api.schemas import Health, Readiness
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz() -> Health:
+    """The process is alive and serving HTTP (the model may still be loading)."""
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
+async def readyz(runtime: RuntimeDep) -> JSONResponse:
+    """200 once the model is loaded and warm; 503 while loading, after a failed start, or while stopping."""
+    if not runtime.ready:
+        body = Readiness(status=runtime.state, detail=runtime.failure)
+        return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "5"})
+    encoder = runtime.encoder
+    return JSONResponse(Readiness(status="ready", model=encoder.model_id, device=str(encoder.device)).model_dump())
+
+
+@router.get("/metrics", include_in_schema=False)
+async def prometheus_metrics() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

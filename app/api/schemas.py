@@ -1,0 +1,85 @@
+"""HTTP shapes, named as in the FastAPI template: <Thing>Create for input, <Thing>Public for output."""
+from datetime import datetime
+
+from pydantic import BaseModel, Field
+
+from app.domain import LabelClass, LabelSet, LabelSetSpec
+
+
+class LabelSetCreate(LabelSetSpec):
+    """Body of POST /labels and PUT /labels/{name}."""
+
+
+class LabelSetPublic(BaseModel):
+    name: str
+    modality: str
+    description: str
+    classes: list[LabelClass]
+    templates: list[str] = Field(description="The templates in effect (the modality's defaults if none were given).")
+    version: int
+    builtin: bool
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def from_domain(cls, label_set: LabelSet) -> "LabelSetPublic":
+        return cls(name=label_set.name, modality=label_set.modality, description=label_set.description,
+                   classes=label_set.classes, templates=list(label_set.effective_templates()),
+                   version=label_set.version, builtin=label_set.builtin,
+                   created_at=label_set.created_at, updated_at=label_set.updated_at)
+
+
+class LabelSetsPublic(BaseModel):
+    data: list[LabelSetPublic]
+    count: int
+
+
+class PredictionPublic(BaseModel):
+    label: str
+    probability: float = Field(description="Softmax probability over the label set's classes.")
+    similarity: float = Field(description="Raw cosine similarity between image and class embedding.")
+
+
+class ClassifyResult(BaseModel):
+    label_set: str
+    label_set_version: int
+    model: str = Field(description="The open_clip model id the image was encoded with.")
+    method: str
+    input_format: str = Field(description="png, jpeg, tiff or dicom, detected from the content.")
+    predictions: list[PredictionPublic] = Field(description="Ranked, most probable first.")
+    elapsed_ms: float
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Stable machine-readable code, e.g. label_set_not_found.")
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class BatchItem(BaseModel):
+    filename: str | None
+    result: ClassifyResult | None = None
+    error: ErrorDetail | None = None
+
+
+class BatchResult(BaseModel):
+    label_set: str
+    method: str
+    results: list[BatchItem] = Field(description="One entry per uploaded file, in upload order.")
+    succeeded: int
+    failed: int
+    elapsed_ms: float
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    status: str = Field(description="ready | loading | failed | stopped")
+    model: str | None = None
+    device: str | None = None
+    detail: str | None = None

@@ -1,0 +1,197 @@
+"""Load an open_clip model the open_clip way and wrap it as an Encoder: images/texts in, unit vectors out.
+
+Model ids stay open_clip strings: a built-in or models/*.json name (+ `pretrained` tag or checkpoint file),
+`hf-hub:org/repo`, or `local-dir:/path`. Every way loading can fail ends in one ModelLoadError that names the
+setting to change.
+"""
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+from open_clip.factory import parse_model_name
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from app.errors import ModelLoadError
+from app.settings import DEMO_MODEL_NAME, Settings
+
+log = logging.getLogger(__name__)
+
+_PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_HF_CONFIG_NAME = "open_clip_config.json"
+_HF_WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+@dataclass
+class Encoder:
+    model: torch.nn.Module
+    preprocess: Callable[[Image.Image], torch.Tensor]   # PIL image -> (3, H, W) float tensor
+    tokenizer: Callable[[Sequence[str]], torch.Tensor]
+    model_id: str                                       # the open_clip id, plus the weights it was loaded with
+    device: torch.device
+    dtype: torch.dtype
+    has_pretrained_weights: bool
+
+    @property
+    def logit_scale(self) -> float:
+        scale = getattr(self.model, "logit_scale", None)
+        # CLIP learns log(1/temperature) and clamps it at 100 (open_clip's ClipLoss does the same)
+        return min(float(scale.detach().exp()), 100.0) if scale is not None else 100.0
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.encode_texts(["x"]).shape[-1])
+
+    @torch.inference_mode()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(n, 3, H, W) preprocessed pixels -> (n, dim) float32 on the CPU, L2-normalised."""
+        features = self.model.encode_image(images.to(self.device, self.dtype, non_blocking=True))
+        return F.normalize(features.float(), dim=-1).cpu()
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """n strings -> (n, dim) float32 on the CPU, L2-normalised."""
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        features = self.model.encode_text(tokens)
+        return F.normalize(features.float(), dim=-1).cpu()
+
+    def warm_up(self) -> None:
+        """One forward through each tower, so the first request does not pay for lazy initialisation."""
+        pixels = self.preprocess(Image.new("RGB", (256, 256), (128, 128, 128))).unsqueeze(0)
+        self.encode_images(pixels)
+        self.encode_texts(["a chest X-ray."])
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("MEDZERO_DEVICE=cuda but no CUDA device is visible; set MEDZERO_DEVICE=auto or cpu")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def weights_on_disk(model_name: str, pretrained: str | None, cache_dir: Path | None) -> bool:
+    """Whether real weights for this model id can be loaded without the network (checks caches only)."""
+    schema, identifier = parse_model_name(model_name)
+    if schema == "local-dir":
+        return (Path(identifier) / _HF_CONFIG_NAME).is_file()
+    if schema == "hf-hub":
+        return _in_hf_cache(identifier, _HF_CONFIG_NAME, cache_dir) and any(
+            _in_hf_cache(identifier, name, cache_dir) for name in _HF_WEIGHT_NAMES)
+    if not pretrained:
+        return False
+    if Path(pretrained).is_file():
+        return True
+    tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained) or {}
+    hub_repo = (tag_cfg.get("hf_hub") or "").rstrip("/")
+    return bool(hub_repo) and any(_in_hf_cache(hub_repo, name, cache_dir) for name in _HF_WEIGHT_NAMES)
+
+
+def _in_hf_cache(repo_id: str, filename: str, cache_dir: Path | None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+    return isinstance(try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir), str)
+
+
+def choose_model(settings: Settings) -> tuple[str, str | None, bool]:
+    """(model_name, pretrained, offline): the configured model, or in demo mode the tiny bundled model whenever
+    the configured weights are not on this machine. Demo never waits on an unreachable hub: weights it found
+    in the cache are loaded offline."""
+    if not settings.demo or settings.model_name == DEMO_MODEL_NAME:
+        return settings.model_name, settings.pretrained, settings.hub_offline
+    if weights_on_disk(settings.model_name, settings.pretrained, settings.cache_dir):
+        return settings.model_name, settings.pretrained, True
+    log.warning("demo mode: no weights for %s on this machine; serving the bundled random-init %r "
+                "(predictions are meaningless; see README 'Real weights')", settings.model_name, DEMO_MODEL_NAME)
+    return DEMO_MODEL_NAME, None, True
+
+
+@contextmanager
+def hub_offline(enabled: bool) -> Iterator[None]:
+    """huggingface_hub reads this flag on every request; offline, cached files are used without a round trip."""
+    from huggingface_hub import constants
+    previous = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = previous or enabled
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
+
+
+def load_encoder(settings: Settings) -> Encoder:
+    """Build the configured open_clip model on the configured device and precision, and warm it up."""
+    open_clip.add_model_config(settings.model_config_dir)
+    model_name, pretrained, offline = choose_model(settings)
+    device = resolve_device(settings.device)
+    _check_model_source(model_name, pretrained)
+    schema, _ = parse_model_name(model_name)
+    torch.manual_seed(0)   # random-init models (the tiny demo config) get the same weights on every start
+    started = time.perf_counter()
+    cache_dir = str(settings.cache_dir) if settings.cache_dir else None
+    try:
+        with hub_offline(offline):
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                model_name, pretrained=pretrained, device=device, precision=settings.precision,
+                cache_dir=cache_dir, require_pretrained=schema is not None or pretrained is not None)
+            tokenizer = open_clip.get_tokenizer(model_name, cache_dir=cache_dir)
+    except Exception as exc:   # open_clip raises RuntimeError, OSError, ValueError and hub errors alike
+        raise ModelLoadError(_explain_load_failure(model_name, pretrained, exc)) from exc
+    encoder = Encoder(model=model.eval(), preprocess=preprocess, tokenizer=tokenizer,
+                      model_id=model_id_for(model_name, pretrained), device=device,
+                      dtype=_PRECISION_DTYPES[settings.precision],
+                      has_pretrained_weights=schema is not None or pretrained is not None)
+    try:
+        encoder.warm_up()
+    except RuntimeError as exc:
+        raise ModelLoadError(f"warm-up forward failed on {device} at MEDZERO_PRECISION={settings.precision}: "
+                             f"{exc}. Try MEDZERO_PRECISION=fp32 (fp16 is for CUDA).") from exc
+    log.info("loaded %s on %s (%s) in %.1f s", encoder.model_id, device, settings.precision,
+             time.perf_counter() - started)
+    return encoder
+
+
+def model_id_for(model_name: str, pretrained: str | None) -> str:
+    """A stable key for 'these weights': cached text embeddings are only reused under the same key.
+    A checkpoint file is keyed by its name, size and modification time, so replacing it invalidates caches."""
+    if not pretrained:
+        return model_name
+    path = Path(pretrained)
+    if path.is_file():
+        stat = path.stat()
+        stamp = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+        return f"{model_name}@{path.name}#{stamp}"
+    return f"{model_name}@{pretrained}"
+
+
+def _check_model_source(model_name: str, pretrained: str | None) -> None:
+    schema, identifier = parse_model_name(model_name)
+    if schema == "local-dir" and not (Path(identifier) / _HF_CONFIG_NAME).is_file():
+        raise ModelLoadError(f"MEDZERO_MODEL_NAME={model_name!r}: no {_HF_CONFIG_NAME} in {identifier}; point it "
+                             "at a folder holding open_clip_config.json and the weights")
+    if schema is not None:
+        return
+    if open_clip.get_model_config(model_name.replace("/", "-")) is None:
+        raise ModelLoadError(f"MEDZERO_MODEL_NAME={model_name!r} is not an open_clip architecture; use a built-in "
+                             "name (e.g. ViT-B-16), an hf-hub:org/repo id, local-dir:/path, or add a JSON config "
+                             "to MEDZERO_MODEL_CONFIG_DIR")
+    if pretrained and not Path(pretrained).is_file() and not open_clip.get_pretrained_cfg(model_name, pretrained):
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        looks_like_path = "/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
+        what = "no such checkpoint file" if looks_like_path else f"not a pretrained tag of {model_name}"
+        raise ModelLoadError(f"MEDZERO_PRETRAINED={pretrained!r}: {what}"
+                             + (f" (known tags: {', '.join(tags)})" if tags else ""))
+
+
+def _explain_load_failure(model_name: str, pretrained: str | None, exc: Exception) -> str:
+    schema, _ = parse_model_name(model_name)
+    reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+    if schema == "hf-hub" or (pretrained and not Path(pretrained).is_file()):
+        return (f"could not load {model_name} (pretrained={pretrained}) from the model hub: {reason}. "
+                "Download the weights once where the hub is reachable (MEDZERO_CACHE_DIR / HF_HOME), set "
+                "MEDZERO_MODEL_NAME=local-dir:/path or MEDZERO_PRETRAINED=/path/to/checkpoint, or run with --demo")
+    return (f"could not load MEDZERO_MODEL_NAME={model_name!r} with MEDZERO_PRETRAINED={pretrained!r}: {reason}")

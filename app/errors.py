@@ -1,0 +1,99 @@
+"""Every refusal medzero can give, each with its HTTP status and a stable machine-readable code.
+
+MedzeroError
+ ├── BadRequest (400)
+ ├── NotFound (404)
+ │    └── LabelSetNotFound
+ ├── Conflict (409)
+ │    └── LabelSetExists
+ ├── PayloadTooLarge (413)
+ │    └── ImageTooLarge            decoded pixel count over the limit (decompression bombs)
+ ├── UnsupportedMediaType (415)
+ ├── InvalidInput (422)
+ │    ├── InvalidImage             empty, truncated, or not an image at all
+ │    ├── UnsupportedDicom         no pixel data, multi-frame, unknown photometric interpretation
+ │    ├── UnknownMethod
+ │    └── InvalidLabelSet
+ ├── Overloaded (503, Retry-After)
+ ├── NotReady (503, Retry-After)
+ └── ModelLoadError (500)         raised at start-up; the CLI prints it and exits
+
+Imports nothing from app: every layer may raise these, and the one handler in app/main.py maps them.
+Messages name what went wrong and which setting to change; they never carry patient data.
+"""
+
+
+class MedzeroError(Exception):
+    status_code: int = 500
+    code: str = "internal"
+    retry_after_seconds: int | None = None
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(MedzeroError):
+    status_code, code = 400, "bad_request"
+
+
+class NotFound(MedzeroError):
+    status_code, code = 404, "not_found"
+
+
+class LabelSetNotFound(NotFound):
+    code = "label_set_not_found"
+
+
+class Conflict(MedzeroError):
+    status_code, code = 409, "conflict"
+
+
+class LabelSetExists(Conflict):
+    code = "label_set_exists"
+
+
+class PayloadTooLarge(MedzeroError):
+    status_code, code = 413, "payload_too_large"
+
+
+class ImageTooLarge(PayloadTooLarge):
+    code = "image_too_large"
+
+
+class UnsupportedMediaType(MedzeroError):
+    status_code, code = 415, "unsupported_media_type"
+
+
+class InvalidInput(MedzeroError):
+    status_code, code = 422, "invalid_input"
+
+
+class InvalidImage(InvalidInput):
+    code = "invalid_image"
+
+
+class UnsupportedDicom(InvalidInput):
+    code = "unsupported_dicom"
+
+
+class UnknownMethod(InvalidInput):
+    code = "unknown_method"
+
+
+class InvalidLabelSet(InvalidInput):
+    code = "invalid_label_set"
+
+
+class Overloaded(MedzeroError):
+    status_code, code = 503, "overloaded"
+    retry_after_seconds = 1
+
+
+class NotReady(MedzeroError):
+    status_code, code = 503, "not_ready"
+    retry_after_seconds = 5
+
+
+class ModelLoadError(MedzeroError):
+    status_code, code = 500, "model_load_failed"

@@ -1,0 +1,345 @@
+"""Uploaded bytes -> one 8-bit RGB PIL image, ready for an open_clip preprocess.
+
+Accepts PNG, JPEG, TIFF (Pillow) and DICOM (pydicom 3 and its pylibjpeg plugins). The format comes from
+the content's magic bytes, never from a file name. The pixel count is checked against ``max_pixels`` before
+any pixel data is decoded, so a small file declaring a huge image (a decompression bomb) is refused
+cheaply. Every way of failing ends as a MedzeroError: empty or corrupt input -> InvalidImage, a known
+format we do not take -> UnsupportedMediaType, a DICOM we cannot render -> UnsupportedDicom, too many
+pixels -> ImageTooLarge.
+
+DICOM greyscale follows the standard's display pipeline: modality LUT (rescale), then VOI LUT or the
+first window, else a robust 0.5-99.5 percentile window; MONOCHROME1 is shown inverted so that every
+radiograph reads the usual way (air dark, bone bright).
+"""
+
+import struct
+from dataclasses import dataclass
+from io import BytesIO
+
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import (
+    apply_color_lut,
+    apply_modality_lut,
+    apply_voi,
+    apply_windowing,
+    as_pixel_options,
+    get_decoder,
+)
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from app.errors import ImageTooLarge, InvalidImage, UnsupportedDicom, UnsupportedMediaType
+
+ACCEPTED_FORMATS = ("png", "jpeg", "tiff", "dicom")
+_ACCEPTED_NAMES = "PNG, JPEG, TIFF or DICOM"
+_LIMIT_SETTING = "MEDZERO_MAX_IMAGE_PIXELS"
+
+_PILLOW_SIGNATURES: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"\xff\xd8\xff", "jpeg"),
+    (b"II*\x00", "tiff"),
+    (b"MM\x00*", "tiff"),
+)
+_PILLOW_FORMAT_NAMES = {"png": "PNG", "jpeg": "JPEG", "tiff": "TIFF"}
+
+# (offset, magic, name) of formats people plausibly upload that we refuse with 415 rather than "not an image".
+_REFUSED_SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
+    (0, b"GIF87a", "GIF"),
+    (0, b"GIF89a", "GIF"),
+    (0, b"%PDF-", "PDF"),
+    (0, b"PK\x03\x04", "ZIP"),
+    (0, b"\x1f\x8b", "gzip"),
+    (0, b"\xff\x4f\xff\x51", "JPEG 2000 codestream"),
+    (0, b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG 2000 (JP2)"),
+    (0, b"\xff\x0a", "JPEG XL"),
+    (0, b"\x00\x00\x00\x0cJXL \r\n\x87\n", "JPEG XL"),
+    (0, b"II+\x00", "BigTIFF"),
+    (0, b"MM\x00+", "BigTIFF"),
+    (0, b"8BPS", "Photoshop PSD"),
+    (4, b"ftypheic", "HEIC"),
+    (4, b"ftypavif", "AVIF"),
+    (344, b"n+1\x00", "NIfTI"),
+    (344, b"ni1\x00", "NIfTI"),
+)
+
+# Pillow's plugins signal a corrupt or truncated file with any of these, not one base class.
+_PILLOW_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError, TypeError,
+                         ZeroDivisionError)
+# Likewise pydicom's parser and its decoding plugins on malformed datasets.
+_PYDICOM_ERRORS = (InvalidDicomError, OSError, EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError,
+                   NotImplementedError, RuntimeError, OverflowError, struct.error)
+
+_MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+_ROBUST_PERCENTILES = (0.5, 99.5)   # ignores burnt-in labels and collimator edges when no window is given
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """What an upload decoded to, and which format it was detected as."""
+
+    image: Image.Image  # mode "RGB", 8 bits per channel
+    format: str         # "png" | "jpeg" | "tiff" | "dicom"
+
+
+def detect_format(data: bytes) -> str:
+    """Name the accepted format of ``data`` from its content, or raise why it is not accepted."""
+    if not data:
+        raise InvalidImage(f"empty upload: no image bytes received; send {_ACCEPTED_NAMES}")
+    # Checked before the others: a dual-personality DICOM file may carry a TIFF header in its preamble.
+    if data[128:132] == b"DICM":
+        return "dicom"
+    for magic, name in _PILLOW_SIGNATURES:
+        if data.startswith(magic):
+            return name
+    if refused := _refused_format_name(data):
+        raise UnsupportedMediaType(f"{refused} files are not accepted; send {_ACCEPTED_NAMES}")
+    if _looks_like_bare_dicom(data):
+        return "dicom"
+    raise InvalidImage(f"not a recognised image; send {_ACCEPTED_NAMES}")
+
+
+def decode_image(data: bytes, *, max_pixels: int) -> DecodedImage:
+    """Decode uploaded bytes into an 8-bit RGB image, refusing more than ``max_pixels`` pixels."""
+    image_format = detect_format(data)
+    if image_format == "dicom":
+        image = dicom_to_image(_read_dicom(data), max_pixels=max_pixels)
+    else:
+        image = _decode_with_pillow(data, image_format, max_pixels=max_pixels)
+    return DecodedImage(image=image, format=image_format)
+
+
+def dicom_to_image(dataset: pydicom.Dataset, *, max_pixels: int) -> Image.Image:
+    """Render the single frame of a DICOM dataset as an 8-bit RGB image the way a viewer would show it."""
+    _check_dicom_geometry(dataset, max_pixels=max_pixels)
+    stored_pixels, photometric = _decode_dicom_pixels(dataset)
+    try:
+        if photometric in _MONOCHROME:
+            return Image.fromarray(_greyscale_to_uint8(stored_pixels, dataset)).convert("RGB")
+        if photometric == "PALETTE COLOR":
+            return Image.fromarray(_palette_to_uint8(stored_pixels, dataset))
+        if photometric == "RGB":
+            return Image.fromarray(_colour_to_uint8(stored_pixels, int(dataset.BitsStored)))
+    except _PYDICOM_ERRORS as exc:
+        raise UnsupportedDicom(f"cannot render {photometric} DICOM pixel data: {exc}") from exc
+    raise UnsupportedDicom(f"photometric interpretation {photometric!r} is not supported")
+
+
+# --- format detection -------------------------------------------------------------------------------------
+
+
+def _refused_format_name(data: bytes) -> str | None:
+    for offset, magic, name in _REFUSED_SIGNATURES:
+        if data[offset:offset + len(magic)] == magic:
+            return name
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    # "BM" alone is too weak (plain text may start with it); the BMP header's reserved bytes must be zero.
+    if data[:2] == b"BM" and len(data) >= 26 and data[6:10] == b"\x00\x00\x00\x00":
+        return "BMP"
+    return None
+
+
+def _looks_like_bare_dicom(data: bytes) -> bool:
+    """A DICOM stream without preamble: starts with a group 0x0002/0x0008 tag and parses to a real dataset.
+
+    force=True makes pydicom read almost anything, so a parse alone proves nothing: we also want a
+    well-formed SOP Class UID, or pixel data with its Rows and Columns.
+    """
+    if data[:2] not in (b"\x02\x00", b"\x08\x00", b"\x00\x08"):
+        return False
+    try:
+        dataset = pydicom.dcmread(BytesIO(data), force=True)
+        sop_class = dataset.get("SOPClassUID")
+        if sop_class and UID(str(sop_class)).is_valid:
+            return True
+        return all(keyword in dataset for keyword in ("PixelData", "Rows", "Columns"))
+    except Exception:  # noqa: BLE001 - sniffing: whatever pydicom raises on these bytes means "not DICOM"
+        return False
+
+
+# --- PNG, JPEG, TIFF --------------------------------------------------------------------------------------
+
+
+def _decode_with_pillow(data: bytes, image_format: str, *, max_pixels: int) -> Image.Image:
+    try:
+        # `formats` pins the plugin to what the magic bytes said; Pillow must not guess another one.
+        with Image.open(BytesIO(data), formats=[_PILLOW_FORMAT_NAMES[image_format]]) as opened:
+            # Open is lazy: only the header is read so far. Multi-page TIFF and animated PNG: the first
+            # frame is the one Pillow has open and the only one we decode, so its size is what counts.
+            _check_pixel_count(opened.width, opened.height, max_pixels=max_pixels)
+            opened.load()
+            return _pillow_to_rgb(opened)
+    # Pillow's own global limit can fire inside open() before our check; either way it is a bomb, not a 500.
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLarge(f"image refused as a decompression bomb by Pillow's own limit: {exc}") from exc
+    except _PILLOW_DECODE_ERRORS as exc:
+        raise InvalidImage(f"corrupt or truncated {image_format.upper()} image: {exc}") from exc
+
+
+def _pillow_to_rgb(image: Image.Image) -> Image.Image:
+    """A new RGB copy of ``image`` (the caller closes the original)."""
+    if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        scaled = _rescale_to_uint8(values, low=float(values.min()), high=float(values.max()))
+        return Image.fromarray(scaled).convert("RGB")
+    # Alpha (RGBA, LA, PA, P with transparency) is dropped, not composited: open_clip's own preprocess does
+    # image.convert("RGB") too, so a file scores the same whether or not it went through this service.
+    return image.convert("RGB")
+
+
+def _check_pixel_count(width: int, height: int, *, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise ImageTooLarge(f"image is {width}x{height} = {width * height} pixels, over the limit of "
+                            f"{max_pixels} ({_LIMIT_SETTING})")
+
+
+def _rescale_to_uint8(values: np.ndarray, *, low: float, high: float) -> np.ndarray:
+    """Map [low, high] linearly onto 0..255 (float64 arithmetic, clipped, rounded)."""
+    if not high > low:  # a constant image has no contrast to stretch; keep it black rather than divide by 0
+        return np.zeros(values.shape, dtype=np.uint8)
+    unit = (values.astype(np.float64) - low) / (high - low)
+    return np.rint(np.clip(unit, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+# --- DICOM ------------------------------------------------------------------------------------------------
+
+
+def _read_dicom(data: bytes) -> Dataset:
+    try:
+        dataset = pydicom.dcmread(BytesIO(data), force=True)
+    except _PYDICOM_ERRORS as exc:
+        raise InvalidImage(f"corrupt DICOM file: {exc}") from exc
+    if not dataset.file_meta.get("TransferSyntaxUID"):
+        # A bare dataset stream has no file meta; the encoding pydicom read it with is the transfer syntax.
+        dataset.file_meta.TransferSyntaxUID = _transfer_syntax_from_encoding(*dataset.original_encoding)
+    return dataset
+
+
+def _transfer_syntax_from_encoding(is_implicit_vr: bool | None, is_little_endian: bool | None) -> UID:
+    if is_implicit_vr:
+        return ImplicitVRLittleEndian
+    return ExplicitVRLittleEndian if is_little_endian is not False else ExplicitVRBigEndian
+
+
+def _check_dicom_geometry(dataset: Dataset, *, max_pixels: int) -> None:
+    """Refuse what we cannot or must not decode, reading only header elements (never PixelData)."""
+    if "PixelData" not in dataset:
+        raise UnsupportedDicom("DICOM has no pixel data (7FE0,0010); send an image object, not a report")
+    try:
+        frame_count = int(dataset.get("NumberOfFrames") or 1)
+        rows, columns = int(dataset.Rows), int(dataset.Columns)
+    except _PYDICOM_ERRORS as exc:
+        raise UnsupportedDicom(f"DICOM image geometry (Rows, Columns, NumberOfFrames) is unreadable: {exc}") from exc
+    # Frames first: we never decode more than one, so a multi-frame object is refused for that reason.
+    if frame_count > 1:
+        raise UnsupportedDicom(f"multi-frame DICOM is not supported yet (this one has {frame_count} frames)")
+    _check_pixel_count(columns, rows, max_pixels=max_pixels)
+
+
+def _decode_dicom_pixels(dataset: Dataset) -> tuple[np.ndarray, str]:
+    """The first frame's stored values and the photometric interpretation they are in after decoding.
+
+    pydicom 3 converts YBR_FULL and YBR_FULL_422 to RGB by default, and its JPEG 2000 decoder undoes the
+    YBR_RCT/YBR_ICT component transform; the decoder's reported interpretation says which happened.
+    """
+    file_meta = getattr(dataset, "file_meta", None)
+    transfer_syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+    if not transfer_syntax:
+        raise UnsupportedDicom("DICOM has no transfer syntax UID (0002,0010), so its pixel data cannot be decoded")
+    transfer_syntax = UID(transfer_syntax)
+    try:
+        decoder = get_decoder(transfer_syntax)
+    except NotImplementedError as exc:
+        raise UnsupportedDicom(f"DICOM transfer syntax {transfer_syntax.name} is not supported") from exc
+    if not decoder.is_available:
+        raise UnsupportedDicom(f"no decoder installed for DICOM transfer syntax {transfer_syntax.name} "
+                               f"(missing: {', '.join(decoder.missing_dependencies) or 'a plugin'})")
+    try:
+        pixels, properties = decoder.as_array(dataset, index=0, **as_pixel_options(dataset))
+    except _PYDICOM_ERRORS as exc:
+        raise InvalidImage(f"corrupt DICOM pixel data ({transfer_syntax.name}): {exc}") from exc
+    return pixels, str(properties.get("photometric_interpretation", dataset.PhotometricInterpretation))
+
+
+def _greyscale_to_uint8(stored_pixels: np.ndarray, dataset: Dataset) -> np.ndarray:
+    """Modality LUT, then VOI, then inversion for MONOCHROME1: a (rows, columns) uint8 display image."""
+    if stored_pixels.ndim != 2:
+        raise UnsupportedDicom(f"greyscale DICOM frame has shape {stored_pixels.shape}, expected (rows, columns)")
+    modality_values = apply_modality_lut(stored_pixels, dataset)
+    display = _apply_voi_to_uint8(modality_values, dataset)
+    # Invert once if either attribute asks for it. In DX, MONOCHROME1 must come with PresentationLUTShape
+    # INVERSE (PS3.3 C.8.11.1.1.1); both describe the same inversion, so applying each would undo it.
+    if _is_displayed_inverted(dataset):
+        display = 255 - display
+    return display
+
+
+def _is_displayed_inverted(dataset: Dataset) -> bool:
+    shape = str(dataset.get("PresentationLUTShape") or "").strip().upper()
+    return dataset.PhotometricInterpretation == "MONOCHROME1" or shape == "INVERSE"
+
+
+def _apply_voi_to_uint8(modality_values: np.ndarray, dataset: Dataset) -> np.ndarray:
+    """The dataset's own VOI (LUT, else first window) mapped to 0..255; without one, a robust data window."""
+    try:
+        if _has_voi_lut(dataset):
+            return _apply_voi_lut_sequence(modality_values, dataset)
+        if "WindowCenter" in dataset and "WindowWidth" in dataset:
+            return _apply_first_window(modality_values, dataset)
+    except _PYDICOM_ERRORS:
+        pass  # a malformed window (width 0, unknown VOI function) is no reason to refuse the image
+    if _is_display_ready_8bit(modality_values, dataset):
+        return modality_values.astype(np.uint8)
+    low, high = np.percentile(modality_values, _ROBUST_PERCENTILES)
+    return _rescale_to_uint8(modality_values, low=float(low), high=float(high))
+
+
+def _has_voi_lut(dataset: Dataset) -> bool:
+    sequence = dataset.get("VOILUTSequence")
+    return bool(sequence) and "LUTDescriptor" in sequence[0] and "LUTData" in sequence[0]
+
+
+def _apply_voi_lut_sequence(modality_values: np.ndarray, dataset: Dataset) -> np.ndarray:
+    # The LUT's own output range maps to 0..255, not 2**bits - 1 from its descriptor: vendors often
+    # declare 16-bit entries holding 12-bit values, which would otherwise render nearly black.
+    first_mapped, entry_count = _lut_domain(dataset.VOILUTSequence[0].LUTDescriptor)
+    lut_outputs = apply_voi(np.arange(first_mapped, first_mapped + entry_count), dataset, index=0)
+    voi_values = apply_voi(np.rint(modality_values).astype(np.int64), dataset, index=0)
+    return _rescale_to_uint8(voi_values, low=float(lut_outputs.min()), high=float(lut_outputs.max()))
+
+
+def _lut_domain(descriptor: list[int]) -> tuple[int, int]:
+    entry_count, first_mapped = int(descriptor[0]) or 2**16, int(descriptor[1])
+    return first_mapped, entry_count
+
+
+def _apply_first_window(modality_values: np.ndarray, dataset: Dataset) -> np.ndarray:
+    # pydicom's windowing outputs into a range it derives from BitsStored and the rescale; probing it at
+    # -inf and +inf reads that range back instead of re-deriving it here (works for LINEAR and SIGMOID).
+    window_range = apply_windowing(np.array([-np.inf, np.inf]), dataset, index=0)
+    windowed = apply_windowing(modality_values, dataset, index=0)
+    return _rescale_to_uint8(windowed, low=float(window_range[0]), high=float(window_range[1]))
+
+
+def _is_display_ready_8bit(modality_values: np.ndarray, dataset: Dataset) -> bool:
+    """8-bit data already within 0..255 and no window: shown as stored, as the same image saved as PNG is."""
+    return (int(dataset.get("BitsStored") or 16) <= 8 and float(modality_values.min()) >= 0
+            and float(modality_values.max()) <= 255)
+
+
+def _palette_to_uint8(stored_pixels: np.ndarray, dataset: Dataset) -> np.ndarray:
+    colours = apply_color_lut(stored_pixels, dataset)[..., :3]  # an alpha LUT, if any, is dropped as for PNG
+    # Scale by the descriptor's declared entry depth: 8-bit entries may be stored in 16-bit words.
+    entry_bits = int(dataset.RedPaletteColorLookupTableDescriptor[2])
+    return _rescale_to_uint8(colours, low=0.0, high=float(2**entry_bits - 1))
+
+
+def _colour_to_uint8(stored_pixels: np.ndarray, bits_stored: int) -> np.ndarray:
+    if stored_pixels.ndim != 3 or stored_pixels.shape[-1] != 3:
+        raise UnsupportedDicom(f"colour DICOM frame has shape {stored_pixels.shape}, expected (rows, columns, 3)")
+    if stored_pixels.dtype == np.uint8:
+        return stored_pixels
+    return _rescale_to_uint8(stored_pixels, low=0.0, high=float(2**bits_stored - 1))

@@ -1,0 +1,155 @@
+"""create_app(settings): the FastAPI app — lifespan builds the Runtime, routers, middleware, the one error mapping."""
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app import metrics
+from app.api.routes import classify, health, labels
+from app.errors import MedzeroError, PayloadTooLarge
+from app.runtime import Runtime
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+SMALL_BODY_BYTES = 1 << 20            # JSON bodies (/labels); uploads have their own limits
+MULTIPART_OVERHEAD_BYTES = 64 << 10   # boundaries, part headers and form fields around one file
+
+
+def create_app(settings: Settings, *, on_startup_failure: Callable[[MedzeroError], None] | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime = Runtime(settings)
+        app.state.runtime = runtime
+        runtime.start_loading(on_failure=on_startup_failure)
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    app = FastAPI(title="medzero", version="0.1.0", lifespan=lifespan,
+                  description="Training-free, zero-shot medical image classification with CLIP-family encoders.")
+    app.include_router(health.router)
+    app.include_router(labels.router)
+    app.include_router(classify.router)
+    app.add_exception_handler(MedzeroError, medzero_error_response)
+    app.add_exception_handler(RequestValidationError, validation_error_response)
+    app.add_exception_handler(HTTPException, http_error_response)
+    app.add_exception_handler(Exception, unexpected_error_response)
+    app.add_middleware(BodySizeLimit, limit_for_path=lambda path: body_limit(settings, path))
+    app.add_middleware(RequestMetrics)
+    return app
+
+
+def body_limit(settings: Settings, path: str) -> int:
+    if path.rstrip("/") == "/classify/batch":
+        return settings.max_batch_request_bytes
+    if path.rstrip("/") == "/classify":
+        return settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
+    return SMALL_BODY_BYTES
+
+
+def error_response(status_code: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    metrics.ERRORS.labels(code=code).inc()
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status_code, headers=headers)
+
+
+async def medzero_error_response(request: Request, exc: MedzeroError) -> JSONResponse:
+    headers = {"Retry-After": str(exc.retry_after_seconds)} if exc.retry_after_seconds else None
+    return error_response(exc.status_code, exc.code, str(exc), headers)
+
+
+async def validation_error_response(request: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
+    return error_response(422, "validation_error", problems or "invalid request")
+
+
+async def http_error_response(request: Request, exc: HTTPException) -> JSONResponse:
+    code = {404: "route_not_found", 405: "method_not_allowed"}.get(exc.status_code, f"http_{exc.status_code}")
+    return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+
+async def unexpected_error_response(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(500, "internal", "internal server error; the server log has the details")
+
+
+class BodySizeLimit:
+    """Refuses a request body past its route's limit while it streams in, before multipart parsing spools it:
+    by Content-Length up front, else by counting received bytes."""
+
+    def __init__(self, app: ASGIApp, limit_for_path: Callable[[str], int]) -> None:
+        self.app = app
+        self.limit_for_path = limit_for_path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.limit_for_path(scope["path"])
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await self._refuse(send, limit)
+        received, exceeded, started = 0, False, False
+
+        async def limited_receive() -> Message:
+            nonlocal received, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    exceeded = True
+                    raise PayloadTooLarge(f"request body over {limit} bytes")
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if exceeded and not started:   # whatever the app made of the aborted body, the answer is 413
+                started = True
+                return await self._refuse(send, limit)
+            if not exceeded:
+                await send(message)
+
+        await self.app(scope, limited_receive, guarded_send)
+
+    @staticmethod
+    async def _refuse(send: Send, limit: int) -> None:
+        response = error_response(413, PayloadTooLarge.code, f"request body is larger than the {limit} bytes "
+                                  "allowed here (MEDZERO_MAX_UPLOAD_BYTES / MEDZERO_MAX_BATCH_REQUEST_BYTES)",
+                                  {"Connection": "close"})
+        await response({"type": "http"}, _no_receive, send)
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+class RequestMetrics:
+    """Counts and times every request by route template (never the raw path: names and UIDs stay out)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        status = 500
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            metrics.REQUESTS.labels(endpoint=endpoint, method=scope["method"], status=str(status)).inc()
+            metrics.REQUEST_SECONDS.labels(endpoint=endpoint).observe(time.perf_counter() - started)

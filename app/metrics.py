@@ -1,0 +1,21 @@
+"""Every Prometheus metric medzero exports, declared once. Labels come from closed sets only."""
+from prometheus_client import Counter, Gauge, Histogram, Info
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+REQUESTS = Counter("medzero_requests_total", "HTTP requests by route template, HTTP method and status.",
+                   ["endpoint", "method", "status"])
+REQUEST_SECONDS = Histogram("medzero_request_duration_seconds", "HTTP request latency by route template.",
+                            ["endpoint"], buckets=LATENCY_BUCKETS)
+ERRORS = Counter("medzero_errors_total", "Refused requests by MedzeroError code.", ["code"])
+STAGE_SECONDS = Histogram("medzero_stage_duration_seconds", "Time per image in each stage: decode|queue|encode|score.",
+                          ["stage"], buckets=LATENCY_BUCKETS)
+BATCH_SIZE = Histogram("medzero_encoder_batch_size", "Images per encoder forward.",
+                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+QUEUE_IMAGES = Gauge("medzero_queue_images", "Images waiting for the encoder.")
+MODEL_LOAD_SECONDS = Gauge("medzero_model_load_seconds", "Seconds the encoder took to load and warm up.")
+MODEL = Info("medzero_model", "Loaded encoder.")
+READY = Gauge("medzero_ready", "1 when the encoder is loaded and warm.")
+PREDICTIONS = Counter("medzero_predictions_total", "Top-1 predictions by label set, label and method.",
+                      ["label_set", "label", "method"])
+IMAGES = Counter("medzero_images_total", "Images classified, by input format.", ["format"])

@@ -1,0 +1,99 @@
+"""Label-set use cases: register, update, delete, and turn a label set into a ClassHead for the loaded model.
+
+Class text embeddings are computed before anything is written, then stored with the label set in one
+transaction, keyed by model id; a label set registered under another model gets its embeddings computed
+(and cached) the first time it is used under this one.
+"""
+import logging
+import threading
+from datetime import datetime
+
+import numpy as np
+import torch
+
+from app.domain import LabelSet, LabelSetSpec
+from app.encoders.loader import Encoder
+from app.errors import InvalidLabelSet, LabelSetExists
+from app.methods.base import ClassHead
+from app.methods.zero_shot import build_class_weights
+from app.services.builtin_label_sets import BUILTIN_LABEL_SETS
+from app.storage.label_sets import LabelSetRepository
+
+log = logging.getLogger(__name__)
+BUILTINS_INSTALLED_KEY = "builtin_label_sets_installed"
+
+
+class LabelSetService:
+    def __init__(self, repository: LabelSetRepository, encoder: Encoder) -> None:
+        self._repository = repository
+        self._encoder = encoder
+        # name -> (created_at, head): a label set deleted and created again restarts at version 1
+        self._heads: dict[str, tuple[datetime, ClassHead]] = {}
+        self._lock = threading.Lock()
+
+    def list(self) -> list[LabelSet]:
+        return self._repository.list()
+
+    def get(self, name: str) -> LabelSet:
+        return self._repository.get(name)
+
+    def create(self, spec: LabelSetSpec, *, builtin: bool = False) -> LabelSet:
+        if self._repository.exists(spec.name):
+            raise LabelSetExists(f"a label set named {spec.name!r} already exists; PUT /labels/{spec.name} "
+                                 "replaces it")
+        weights = self._embed(spec)
+        label_set = self._repository.create(spec, model_id=self._encoder.model_id,
+                                            class_embeddings=weights.numpy(), builtin=builtin)
+        self._remember(label_set, weights)
+        return label_set
+
+    def replace(self, name: str, spec: LabelSetSpec) -> LabelSet:
+        if spec.name != name:
+            raise InvalidLabelSet(f"the body names label set {spec.name!r} but the path names {name!r}; "
+                                  "renaming is not supported (create the new name, then delete the old)")
+        self._repository.get(name)        # 404 before spending time on embeddings
+        weights = self._embed(spec)
+        label_set = self._repository.replace(spec, model_id=self._encoder.model_id, class_embeddings=weights.numpy())
+        self._remember(label_set, weights)
+        return label_set
+
+    def head(self, name: str) -> ClassHead:
+        """The current version's class head under the loaded model: memory, else the store, else computed."""
+        label_set = self._repository.get(name)   # the store is the truth: another worker may have updated it
+        with self._lock:
+            created_at, cached = self._heads.get(name, (None, None))
+        if cached is not None and (created_at, cached.version) == (label_set.created_at, label_set.version):
+            return cached
+        stored = self._repository.class_embeddings(name, label_set.version, self._encoder.model_id)
+        if stored is not None:
+            weights = torch.from_numpy(stored)
+        else:
+            log.info("computing class embeddings of %s v%d for %s", name, label_set.version, self._encoder.model_id)
+            weights = self._embed(label_set)
+            self._repository.store_class_embeddings(name, label_set.version, self._encoder.model_id, weights.numpy())
+        return self._remember(label_set, weights)
+
+    def install_builtins(self) -> None:
+        """Built-in label sets, once per database: a user who deletes one does not get it back on restart."""
+        if self._repository.get_meta(BUILTINS_INSTALLED_KEY):
+            return
+        for spec in BUILTIN_LABEL_SETS:
+            if not self._repository.exists(spec.name):
+                self.create(spec, builtin=True)
+        self._repository.set_meta(BUILTINS_INSTALLED_KEY, "1")
+
+    def prepare_all(self) -> None:
+        """Make every label set ready for the loaded model (at start-up, after a model change)."""
+        for label_set in self._repository.list():
+            self.head(label_set.name)
+
+    def _embed(self, spec: LabelSetSpec) -> torch.Tensor:
+        return build_class_weights(self._encoder.encode_texts, spec.class_prompts())
+
+    def _remember(self, label_set: LabelSet, weights: torch.Tensor) -> ClassHead:
+        head = ClassHead(label_set=label_set.name, version=label_set.version, model_id=self._encoder.model_id,
+                         class_names=tuple(c.name for c in label_set.classes),
+                         class_weights=torch.as_tensor(np.asarray(weights, dtype=np.float32)))
+        with self._lock:
+            self._heads[label_set.name] = (label_set.created_at, head)
+        return head
