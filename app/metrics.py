@@ -8,7 +8,8 @@ REQUESTS = Counter("medzero_requests_total", "HTTP requests by route template, H
 REQUEST_SECONDS = Histogram("medzero_request_duration_seconds", "HTTP request latency by route template.",
                             ["endpoint"], buckets=LATENCY_BUCKETS)
 ERRORS = Counter("medzero_errors_total", "Refused requests by MedzeroError code.", ["code"])
-STAGE_SECONDS = Histogram("medzero_stage_duration_seconds", "Time per image in each stage: decode|queue|encode|score.",
+STAGE_SECONDS = Histogram("medzero_stage_duration_seconds",
+                          "Seconds per stage: decode, queue and score per image; encode per batched forward.",
                           ["stage"], buckets=LATENCY_BUCKETS)
 BATCH_SIZE = Histogram("medzero_encoder_batch_size", "Images per encoder forward.",
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))

@@ -130,6 +130,7 @@ def test_label_writes_wait_for_the_model(tmp_path: Path) -> None:
         assert "not an open_clip architecture" in client.get("/readyz").json()["detail"]
         refused = client.post("/labels", json=WOUND)
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "not_ready"
+        assert refused.headers["retry-after"] == "5"
         assert client.get("/labels").status_code == 200      # reads still work from the store
 
 

@@ -93,3 +93,14 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     broken.write_bytes(b"not a checkpoint")
     with pytest.raises(ModelLoadError, match="MEDZERO_PRETRAINED"):
         load_encoder(settings(tmp_path, pretrained=str(broken)))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_lower_precision_gives_nearly_the_fp32_embeddings(tmp_path: Path, precision: str) -> None:
+    full = load_encoder(settings(tmp_path))
+    reduced = load_encoder(settings(tmp_path, precision=precision))
+    assert reduced.model.visual.conv1.weight.dtype == reduced.dtype != torch.float32
+    pixels = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    agreement = (full.encode_images(pixels) * reduced.encode_images(pixels)).sum(dim=-1)   # cosine, unit vectors
+    assert reduced.encode_images(pixels).dtype == torch.float32
+    assert agreement.min() > 0.98
