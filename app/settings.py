@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     hub_offline: bool = False                  # never contact the hub; use what the cache holds
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    torch_threads: int | None = Field(None, ge=1)   # intra-op threads for the encoder; default: torch's
     demo: bool = False                         # use the tiny bundled model when no real weights are on disk
 
     # uploads
@@ -43,7 +44,7 @@ class Settings(BaseSettings):
 
     # micro-batching
     max_batch_size: int = Field(32, ge=1)                  # images per encoder forward
-    max_wait_ms: float = Field(5.0, ge=0)                  # how long the first image waits for company
+    max_wait_ms: float = Field(5.0, ge=0)                  # longest wait for announced images still decoding
     max_queue_images: int = Field(512, ge=1)               # more waiting than this -> 503 Overloaded
 
     @property

@@ -1,15 +1,19 @@
 """Micro-batching: concurrent requests share one encoder forward (infinity's batch_handler, TEI's queue).
 
 Requests put preprocessed image tensors on a bounded queue and await a future. One worker task takes the
-first waiting image, waits up to `max_wait_seconds` for up to `max_batch_size - 1` more, and runs a single
-forward on a dedicated thread, so the event loop never blocks on torch. While a forward runs, new requests
-queue up and form the next batch. A full queue refuses at once (Overloaded -> 503 + Retry-After).
+first waiting image plus whatever else is queued (up to `max_batch_size`) and runs a single forward on a
+dedicated thread, so the event loop never blocks on torch; while a forward runs, new requests queue up and
+form the next batch. It waits (at most `max_wait_seconds`) for more only when callers announced images that
+are still being decoded (`expecting`), so a lone request never pays the wait and a batch request's images
+share forwards. A full queue refuses at once (Overloaded -> 503 + Retry-After).
 """
 import asyncio
 import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +22,11 @@ from app import metrics
 from app.errors import NotReady, Overloaded
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Announcement:
+    pending: int                             # announced images not yet submitted
 
 
 @dataclass
@@ -37,6 +46,8 @@ class Batcher:
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medzero-encoder")
         self._worker: asyncio.Task | None = None
+        self._announced = 0          # images callers are decoding now and will submit soon
+        self._arrival = asyncio.Event()
 
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._run(), name="medzero-batcher")
@@ -57,15 +68,37 @@ class Batcher:
     def queued_images(self) -> int:
         return self._queue.qsize()
 
-    async def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+    @contextmanager
+    def expecting(self, n_images: int = 1) -> Iterator["Announcement"]:
+        """Announce images about to be submitted (being decoded now). Each `encode(..., announcement)` takes
+        one off; whatever was not submitted when the block ends (decode failed) is withdrawn."""
+        announcement = Announcement(n_images)
+        self._announced += n_images
+        try:
+            yield announcement
+        finally:
+            self.withdraw(announcement, announcement.pending)
+
+    def withdraw(self, announcement: Announcement, n_images: int = 1) -> None:
+        """Some announced images will not come (their decode failed): stop waiting for them."""
+        n_images = min(n_images, announcement.pending)
+        announcement.pending -= n_images
+        self._announced -= n_images
+        self._arrival.set()
+
+    async def encode(self, pixels: torch.Tensor, announcement: "Announcement | None" = None) -> torch.Tensor:
         """One preprocessed image (3, H, W) -> its (dim,) L2-normalised embedding, batched with its neighbours."""
         if self._worker is None or self._worker.done():
             raise NotReady("the encoder is not running")
         if self._queue.qsize() >= self._max_queue_images:
             raise Overloaded(f"{self._queue.qsize()} images are already waiting for the encoder "
                              f"(MEDZERO_MAX_QUEUE_IMAGES={self._max_queue_images}); retry shortly")
+        if announcement is not None and announcement.pending > 0:
+            announcement.pending -= 1
+            self._announced -= 1
         pending = _Pending(pixels, asyncio.get_running_loop().create_future())
         self._queue.put_nowait(pending)
+        self._arrival.set()
         metrics.QUEUE_IMAGES.set(self._queue.qsize())
         return await pending.future
 
@@ -101,10 +134,13 @@ class Batcher:
                 batch.append(self._queue.get_nowait())
                 continue
             remaining = deadline - time.perf_counter()
-            if remaining <= 0:
+            if self._announced <= 0 or remaining <= 0:
                 break
+            self._arrival.clear()
             try:
-                batch.append(await asyncio.wait_for(self._queue.get(), timeout=remaining))
+                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel that races a wake-up
+                async with asyncio.timeout(remaining):
+                    await self._arrival.wait()
             except TimeoutError:
                 break
         return batch

@@ -130,6 +130,8 @@ def load_encoder(settings: Settings) -> Encoder:
     device = resolve_device(settings.device)
     _check_model_source(model_name, pretrained)
     schema, _ = parse_model_name(model_name)
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
     torch.manual_seed(0)   # random-init models (the tiny demo config) get the same weights on every start
     started = time.perf_counter()
     cache_dir = str(settings.cache_dir) if settings.cache_dir else None

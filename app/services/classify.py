@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app import metrics
 from app.domain import Prediction
-from app.encoders.batcher import Batcher
+from app.encoders.batcher import Announcement, Batcher
 from app.encoders.loader import Encoder
 from app.errors import MedzeroError, UnknownMethod
 from app.imaging.decode import decode_image
@@ -66,24 +66,31 @@ class Classifier:
         """Classify one image. Label set and method are checked before the image is decoded."""
         chosen = self.method(method)
         head = await self.head(label_set)
-        return await self._classify_one(data, head, chosen, top_k)
+        with self._batcher.expecting(1) as announcement:
+            return await self._classify_one(data, head, chosen, top_k, announcement)
 
     async def classify_batch(self, files: Sequence[bytes], *, label_set: str, method: str,
                              top_k: int | None) -> list[Classification | MedzeroError]:
         """Classify several images; a bad file yields its error in its place, the others still succeed."""
         chosen = self.method(method)
         head = await self.head(label_set)
-        outcomes = await asyncio.gather(*(self._classify_one(data, head, chosen, top_k) for data in files),
-                                        return_exceptions=True)
+        with self._batcher.expecting(len(files)) as announcement:   # the batch's images share forwards
+            outcomes = await asyncio.gather(*(self._classify_one(data, head, chosen, top_k, announcement)
+                                              for data in files), return_exceptions=True)
         for outcome in outcomes:
             if isinstance(outcome, BaseException) and not isinstance(outcome, MedzeroError):
                 raise outcome
         return list(outcomes)
 
-    async def _classify_one(self, data: bytes, head: ClassHead, method: Method, top_k: int | None) -> Classification:
+    async def _classify_one(self, data: bytes, head: ClassHead, method: Method, top_k: int | None,
+                            announcement: Announcement) -> Classification:
         started = time.perf_counter()
-        pixels = await asyncio.get_running_loop().run_in_executor(self._decode_pool, self._decode, data)
-        image_features = await self._batcher.encode(pixels.tensor)
+        try:
+            pixels = await asyncio.get_running_loop().run_in_executor(self._decode_pool, self._decode, data)
+        except BaseException:
+            self._batcher.withdraw(announcement)   # the batch-mates' forward need not wait for this one
+            raise
+        image_features = await self._batcher.encode(pixels.tensor, announcement)
         score_started = time.perf_counter()
         scores = method.score(image_features.unsqueeze(0), head, logit_scale=self._encoder.logit_scale)
         predictions = _rank(head, scores.probabilities[0], scores.similarities[0], top_k)

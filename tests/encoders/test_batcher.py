@@ -82,3 +82,43 @@ def test_a_failing_forward_fails_its_batch_not_the_worker() -> None:
             await batcher.stop()
 
     asyncio.run(scenario())
+
+
+def test_announced_images_share_a_forward_and_a_lone_image_does_not_wait() -> None:
+    async def scenario() -> None:
+        encoder = RecordingEncoder()
+        batcher = Batcher(encoder, max_batch_size=8, max_wait_seconds=30, max_queue_images=100)
+        batcher.start()
+        try:
+            # nothing announced: a lone image goes straight through despite the 30 s window
+            await asyncio.wait_for(batcher.encode(torch.ones(3, 2, 2)), timeout=10)
+
+            async def decode_then_encode(announcement, delay: float) -> torch.Tensor:
+                await asyncio.sleep(delay)                     # images finish decoding at different times
+                return await batcher.encode(torch.ones(3, 2, 2), announcement)
+
+            with batcher.expecting(3) as announcement:
+                await asyncio.wait_for(asyncio.gather(*(decode_then_encode(announcement, 0.02 * i)
+                                                        for i in range(3))), timeout=10)
+            with batcher.expecting(2) as announcement:         # one of two fails to decode and is withdrawn
+                batcher.withdraw(announcement)
+                await asyncio.wait_for(decode_then_encode(announcement, 0), timeout=10)
+        finally:
+            await batcher.stop()
+        assert encoder.batch_sizes == [1, 3, 1]
+
+    asyncio.run(scenario())
+
+
+def test_stop_while_the_worker_waits_for_announced_images() -> None:
+    """A stop that races the wake-up of a waiting worker still stops it (3.11's wait_for swallowed it)."""
+    async def scenario() -> None:
+        batcher = Batcher(lambda pixels: pixels.flatten(1), max_batch_size=8, max_wait_seconds=30,
+                          max_queue_images=10)
+        batcher.start()
+        with batcher.expecting(2) as announcement:
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(batcher.encode(torch.ones(3, 2, 2), announcement), timeout=0.2)
+        await asyncio.wait_for(batcher.stop(), timeout=10)
+
+    asyncio.run(scenario())
