@@ -1,28 +1,75 @@
-"""The `medzero` command: `medzero serve [--demo]`."""
+"""The `medzero` command:
+
+    medzero serve [--demo]                                   the HTTP server
+    medzero kb build                                         (re)build the description index for the model
+    medzero kb generate --label-set NAME [-n N]              ask an LLM for more descriptions per class
+    medzero kpl fit --label-set NAME --images DIR            fit KPL proxies offline; the server uses them
+"""
 import argparse
+import json
 import logging
 import sys
+from pathlib import Path
 
 from app.errors import MedzeroError
 from app.settings import Settings
 
 log = logging.getLogger("medzero")
+# arguments that steer a command rather than configure medzero (everything else maps onto a Settings field)
+COMMAND_ARGUMENTS = {"command", "kb_command", "kpl_command", "label_set", "n_per_class", "no_progress", "images"}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medzero", description="Zero-shot medical image classification.")
     commands = parser.add_subparsers(dest="command", required=True)
+
     serve = commands.add_parser("serve", help="run the HTTP server")
     serve.add_argument("--demo", action="store_true",
                        help="serve the tiny bundled model when the configured weights are not on this machine")
     serve.add_argument("--host", help="bind address (MEDZERO_HOST)")
     serve.add_argument("--port", type=int, help="port (MEDZERO_PORT)")
-    serve.add_argument("--model-name", help="open_clip model id (MEDZERO_MODEL_NAME)")
-    serve.add_argument("--pretrained", help="pretrained tag or checkpoint path (MEDZERO_PRETRAINED)")
-    serve.add_argument("--data-dir", help="where the database and indexes live (MEDZERO_DATA_DIR)")
-    args = parser.parse_args(argv)
+    add_model_arguments(serve)
 
-    overrides = {key: value for key, value in vars(args).items() if key != "command" and value not in (None, False)}
+    kb = commands.add_parser("kb", help="the description knowledge base")
+    kb_commands = kb.add_subparsers(dest="kb_command", required=True)
+    build = kb_commands.add_parser("build", help="embed every description with the model's text tower and write "
+                                                 "its FAISS index (data_dir/kb/<model>/)")
+    add_model_arguments(build)
+    build.add_argument("--knowledge-base-dir", help="corpus folder (MEDZERO_KNOWLEDGE_BASE_DIR)")
+    build.add_argument("--no-progress", action="store_true", help="no progress bar")
+    generate = kb_commands.add_parser(
+        "generate", help="ask an LLM (MEDZERO_LLM_URL, MEDZERO_LLM_MODEL) for more descriptions per class and "
+                         "append them to knowledge_base/<label set>.json")
+    generate.add_argument("--label-set", required=True, help="a registered or built-in label set")
+    generate.add_argument("-n", "--per-class", dest="n_per_class", type=int, default=10,
+                          help="descriptions to ask for per class (1-100)")
+    generate.add_argument("--llm-url", help="OpenAI-compatible base URL, e.g. http://localhost:8001/v1")
+    generate.add_argument("--llm-model", help="model the endpoint serves (MEDZERO_LLM_MODEL)")
+    generate.add_argument("--knowledge-base-dir", help="corpus folder (MEDZERO_KNOWLEDGE_BASE_DIR)")
+    generate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_model_arguments(generate)
+
+    kpl = commands.add_parser("kpl", help="knowledge proxy learning")
+    kpl_commands = kpl.add_subparsers(dest="kpl_command", required=True)
+    fit = kpl_commands.add_parser("fit", help="fit KPL proxies for a label set on a folder of unlabelled images")
+    fit.add_argument("--label-set", required=True)
+    fit.add_argument("--images", required=True, type=Path, help="folder of images (searched recursively)")
+    fit.add_argument("--kpl-balancing", choices=["reference", "sinkhorn"], help="MEDZERO_KPL_BALANCING")
+    fit.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_model_arguments(fit)
+    return parser
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-name", help="open_clip model id (MEDZERO_MODEL_NAME)")
+    parser.add_argument("--pretrained", help="pretrained tag or checkpoint path (MEDZERO_PRETRAINED)")
+    parser.add_argument("--data-dir", help="where the database and indexes live (MEDZERO_DATA_DIR)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {key: value for key, value in vars(args).items()
+                 if key not in COMMAND_ARGUMENTS and value not in (None, False)}
     try:
         settings = Settings(**overrides)
     except ValueError as exc:   # pydantic's ValidationError names the bad MEDZERO_ variable
@@ -31,7 +78,33 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
         return serve_forever(settings)
-    return 2
+    progress = not args.no_progress
+    try:
+        if args.command == "kb" and args.kb_command == "build":
+            from app.jobs import build_index
+            print(json.dumps(build_index.main(settings, progress=progress), indent=2))
+        elif args.command == "kb" and args.kb_command == "generate":
+            from app.jobs import generate_descriptions
+            print(generate_descriptions.main(settings, args.label_set, args.n_per_class, progress=progress).render())
+        elif args.command == "kpl" and args.kpl_command == "fit":
+            from app.jobs import fit_kpl
+            print(render_fit(fit_kpl.main(settings, args.label_set, args.images, progress=progress)))
+    except MedzeroError as exc:
+        print(f"medzero {args.command}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def render_fit(report) -> str:
+    fit = report.fit
+    lines = [f"KPL fit v{fit.fit_version} of {fit.label_set} v{fit.label_set_version} under {fit.model_id}: "
+             f"{fit.pool_size} images, {fit.fit_seconds:.1f} s, balancing={fit.config.get('balancing')}",
+             "pseudo-label balance: " + ", ".join(f"{k} {v:.0%}" for k, v in fit.class_balance.items())]
+    for class_name, entries in zip(fit.class_balance, fit.evidence):
+        lines.append(f"  {class_name}: " + "; ".join(e.text for e in entries[:3]))
+    if report.skipped:
+        lines.append(f"skipped {len(report.skipped)} files: " + ", ".join(f"{p} ({c})" for p, c in report.skipped[:5]))
+    return "\n".join(lines)
 
 
 def serve_forever(settings: Settings) -> int:

@@ -2,8 +2,11 @@
 
 MedzeroError
  ├── BadRequest (400)
+ │    └── LLMNotConfigured         MEDZERO_LLM_URL / MEDZERO_LLM_MODEL unset or unusable
+ ├── Unauthorized (401)           admin route without the right X-API-Key
  ├── NotFound (404)
- │    └── LabelSetNotFound
+ │    ├── LabelSetNotFound
+ │    └── KPLFitNotFound
  ├── Conflict (409)
  │    └── LabelSetExists
  ├── PayloadTooLarge (413)
@@ -16,7 +19,9 @@ MedzeroError
  │    └── InvalidLabelSet
  ├── Overloaded (503, Retry-After)
  ├── NotReady (503, Retry-After)
- └── ModelLoadError (500)         raised at start-up; the CLI prints it and exits
+ ├── ModelLoadError (500)         raised at start-up; the CLI prints it and exits
+ ├── LLMUnavailable (502)         the LLM endpoint is down, refused, or gave no completion
+ └── InvalidCorpus (500)          a knowledge_base file that does not match the schema (names file and entry)
 
 Imports nothing from app: every layer may raise these, and the one handler in app/main.py maps them.
 Messages name what went wrong and which setting to change; they never carry patient data.
@@ -37,12 +42,24 @@ class BadRequest(MedzeroError):
     status_code, code = 400, "bad_request"
 
 
+class LLMNotConfigured(BadRequest):
+    code = "llm_not_configured"
+
+
+class Unauthorized(MedzeroError):
+    status_code, code = 401, "unauthorized"
+
+
 class NotFound(MedzeroError):
     status_code, code = 404, "not_found"
 
 
 class LabelSetNotFound(NotFound):
     code = "label_set_not_found"
+
+
+class KPLFitNotFound(NotFound):
+    code = "kpl_fit_not_found"
 
 
 class Conflict(MedzeroError):
@@ -97,3 +114,11 @@ class NotReady(MedzeroError):
 
 class ModelLoadError(MedzeroError):
     status_code, code = 500, "model_load_failed"
+
+
+class InvalidCorpus(MedzeroError):
+    status_code, code = 500, "invalid_corpus"
+
+
+class LLMUnavailable(MedzeroError):
+    status_code, code = 502, "llm_unavailable"

@@ -1,5 +1,6 @@
 """create_app(settings): the FastAPI app — lifespan builds the Runtime, routers, middleware, the one error mapping."""
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -11,12 +12,13 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import metrics
-from app.api.routes import classify, health, labels
+from app.api.routes import classify, health, kpl, labels
 from app.errors import MedzeroError, PayloadTooLarge
 from app.runtime import Runtime
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
+KPL_FIT_PATH = re.compile(r"^/labels/[^/]+/kpl/?$")
 SMALL_BODY_BYTES = 1 << 20            # JSON bodies (/labels); uploads have their own limits
 MULTIPART_OVERHEAD_BYTES = 64 << 10   # boundaries, part headers and form fields around one file
 
@@ -37,6 +39,7 @@ def create_app(settings: Settings, *, on_startup_failure: Callable[[MedzeroError
     app.include_router(health.router)
     app.include_router(labels.router)
     app.include_router(classify.router)
+    app.include_router(kpl.router)
     app.add_exception_handler(MedzeroError, medzero_error_response)
     app.add_exception_handler(RequestValidationError, validation_error_response)
     app.add_exception_handler(HTTPException, http_error_response)
@@ -47,7 +50,7 @@ def create_app(settings: Settings, *, on_startup_failure: Callable[[MedzeroError
 
 
 def body_limit(settings: Settings, path: str) -> int:
-    if path.rstrip("/") == "/classify/batch":
+    if path.rstrip("/") == "/classify/batch" or KPL_FIT_PATH.match(path):
         return settings.max_batch_request_bytes
     if path.rstrip("/") == "/classify":
         return settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES

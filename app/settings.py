@@ -9,6 +9,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parent.parent / "models"
+BUNDLED_KNOWLEDGE_BASE_DIR = Path(__file__).resolve().parent.parent / "knowledge_base"
 DEMO_MODEL_NAME = "medzero-tiny"   # models/medzero-tiny.json: random init, offline, for --demo and tests
 DEFAULT_MODEL_NAME = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 
@@ -46,6 +47,27 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1)                  # images per encoder forward
     max_wait_ms: float = Field(5.0, ge=0)                  # longest wait for announced images still decoding
     max_queue_images: int = Field(512, ge=1)               # more waiting than this -> 503 Overloaded
+
+    # knowledge base and KPL
+    knowledge_base_dir: Path = BUNDLED_KNOWLEDGE_BASE_DIR   # corpus files, one per label set
+    kpl_balancing: Literal["reference", "sinkhorn"] = "reference"   # see ../shared/notes/kpl.md
+    kpl_top_k_descriptions: int = Field(8, ge=1)
+    kpl_tau_text: float = Field(0.01, gt=0)
+    kpl_balance_iters: int = Field(20, ge=1)
+    kpl_alpha: float = Field(0.6, ge=0, le=1)
+    kpl_tau_image: float = Field(0.04, gt=0)
+    kpl_lr: float = Field(10.0, gt=0)
+    kpl_proxy_iters: int = Field(2000, ge=1)
+    kpl_pool_root: Path | None = None          # server-side folders under this root may be fitted on
+    kpl_max_pool_images: int = Field(20000, ge=2)
+    admin_api_key: str | None = None           # when set, admin routes need the X-API-Key header
+
+    # LLM for `medzero kb generate` (an OpenAI-compatible chat-completions endpoint)
+    llm_url: str | None = None                 # e.g. http://localhost:8001/v1
+    llm_model: str | None = None
+    llm_api_key: str | None = None
+    llm_timeout_seconds: float = Field(60.0, gt=0)
+    llm_max_retries: int = Field(4, ge=0)
 
     @property
     def resolved_database_url(self) -> str:

@@ -1,9 +1,10 @@
 """Annotated dependencies shared by the routers."""
+import secrets
 from typing import Annotated
 
-from fastapi import Depends, Request, UploadFile
+from fastapi import Depends, Header, Request, UploadFile
 
-from app.errors import PayloadTooLarge
+from app.errors import PayloadTooLarge, Unauthorized
 from app.runtime import Runtime
 from app.settings import Settings
 
@@ -18,8 +19,16 @@ def get_settings(request: Request) -> Settings:
     return request.app.state.runtime.settings
 
 
+def require_admin(request: Request, x_api_key: Annotated[str | None, Header()] = None) -> None:
+    """Admin routes: open when MEDZERO_ADMIN_API_KEY is unset, else the X-API-Key header must match it."""
+    expected = request.app.state.runtime.settings.admin_api_key
+    if expected and not (x_api_key and secrets.compare_digest(x_api_key, expected)):
+        raise Unauthorized("this route needs the X-API-Key header matching MEDZERO_ADMIN_API_KEY")
+
+
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+AdminDep = Depends(require_admin)
 
 
 async def read_bounded(upload: UploadFile, max_bytes: int) -> bytes:

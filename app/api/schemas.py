@@ -34,10 +34,24 @@ class LabelSetsPublic(BaseModel):
     count: int
 
 
+class EvidenceDescription(BaseModel):
+    text: str
+    source: str = Field(description="curated, llm:<model>, or label_set (from the label set's own definition)")
+    similarity: float = Field(description="Cosine similarity between this image and the description.")
+
+
+class EvidencePublic(BaseModel):
+    proxy: str = Field(description="How the class was represented: per-image (the descriptions that fit this "
+                                   "image best), fitted (vision proxy from a stored KPL fit), transductive (fitted "
+                                   "on this batch), or prompts (no descriptions: the class prompts).")
+    descriptions: list[EvidenceDescription] = Field(description="The descriptions behind the class's proxy.")
+
+
 class PredictionPublic(BaseModel):
     label: str
     probability: float = Field(description="Softmax probability over the label set's classes.")
-    similarity: float = Field(description="Raw cosine similarity between image and class embedding.")
+    similarity: float = Field(description="Raw cosine similarity between image and class embedding (or proxy).")
+    evidence: EvidencePublic | None = Field(None, description="kpl only: what this class's proxy was built from.")
 
 
 class ClassifyResult(BaseModel):
@@ -48,6 +62,7 @@ class ClassifyResult(BaseModel):
     input_format: str = Field(description="png, jpeg, tiff or dicom, detected from the content.")
     predictions: list[PredictionPublic] = Field(description="Ranked, most probable first.")
     elapsed_ms: float
+    method_details: dict | None = Field(None, description="Method facts, e.g. the KPL fit that was used.")
 
 
 class ErrorDetail(BaseModel):
@@ -68,6 +83,7 @@ class BatchItem(BaseModel):
 class BatchResult(BaseModel):
     label_set: str
     method: str
+    transductive: bool
     results: list[BatchItem] = Field(description="One entry per uploaded file, in upload order.")
     succeeded: int
     failed: int
@@ -83,3 +99,18 @@ class Readiness(BaseModel):
     model: str | None = None
     device: str | None = None
     detail: str | None = None
+
+
+class KPLFitPublic(BaseModel):
+    label_set: str
+    label_set_version: int
+    model: str
+    fit_version: int
+    pool_size: int
+    class_balance: dict[str, float] = Field(description="Share of the pool's pseudo-labels per class.")
+    fit_seconds: float
+    created_at: datetime
+    config: dict = Field(description="The KPL hyperparameters this fit used (MEDZERO_KPL_*).")
+    evidence: dict[str, list[EvidenceDescription]] = Field(
+        description="Per class, the descriptions that built its text proxy; similarity = mean over the pool.")
+    skipped: list[BatchItem] = Field(default_factory=list, description="Pool files that could not be used.")

@@ -14,6 +14,7 @@ import torch
 from app.domain import LabelSet, LabelSetSpec
 from app.encoders.loader import Encoder
 from app.errors import InvalidLabelSet, LabelSetExists
+from app.knowledge.knowledge_base import KnowledgeBase
 from app.methods.base import ClassHead
 from app.methods.zero_shot import build_class_weights
 from app.services.builtin_label_sets import BUILTIN_LABEL_SETS
@@ -30,6 +31,7 @@ class LabelSetService:
         # name -> (created_at, head): a label set deleted and created again restarts at version 1
         self._heads: dict[str, tuple[datetime, ClassHead]] = {}
         self._lock = threading.Lock()
+        self.knowledge: KnowledgeBase | None = None   # attached once built; kept in line with label-set writes
 
     def list(self) -> list[LabelSet]:
         return self._repository.list()
@@ -45,6 +47,8 @@ class LabelSetService:
         label_set = self._repository.create(spec, model_id=self._encoder.model_id,
                                             class_embeddings=weights.numpy(), builtin=builtin)
         self._remember(label_set, weights)
+        if self.knowledge is not None:
+            self.knowledge.put_label_set(label_set)
         return label_set
 
     def replace(self, name: str, spec: LabelSetSpec) -> LabelSet:
@@ -55,7 +59,14 @@ class LabelSetService:
         weights = self._embed(spec)
         label_set = self._repository.replace(spec, model_id=self._encoder.model_id, class_embeddings=weights.numpy())
         self._remember(label_set, weights)
+        if self.knowledge is not None:
+            self.knowledge.put_label_set(label_set)
         return label_set
+
+    def delete(self, name: str) -> None:
+        self._repository.delete(name)
+        if self.knowledge is not None:
+            self.knowledge.remove_label_set(name)
 
     def head(self, name: str) -> ClassHead:
         """The current version's class head under the loaded model: memory, else the store, else computed."""

@@ -42,6 +42,28 @@ class ClassEmbeddingRow(Base):
     label_set: Mapped[LabelSetRow] = relationship(back_populates="embeddings")
 
 
+class KPLFitRow(Base):
+    """One KPL fit of a label-set version under one model: text proxies T, vision proxies W, and evidence."""
+    __tablename__ = "kpl_fits"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    label_set_id: Mapped[int] = mapped_column(ForeignKey("label_sets.id", ondelete="CASCADE"), index=True)
+    label_set_version: Mapped[int] = mapped_column(Integer)
+    model_id: Mapped[str] = mapped_column(String(512))
+    fit_version: Mapped[int] = mapped_column(Integer)        # 1, 2, ... per label set and model
+    n_classes: Mapped[int] = mapped_column(Integer)
+    dim: Mapped[int] = mapped_column(Integer)
+    text_proxies: Mapped[bytes] = mapped_column(LargeBinary)     # (n_classes, dim) float32
+    vision_proxies: Mapped[bytes] = mapped_column(LargeBinary)   # (n_classes, dim) float32
+    evidence: Mapped[list] = mapped_column(JSON)                 # per class: [{text, source, score}]
+    evidence_vectors: Mapped[bytes] = mapped_column(LargeBinary)  # the evidence descriptions' vectors, float32
+    config: Mapped[dict] = mapped_column(JSON)
+    pool_size: Mapped[int] = mapped_column(Integer)
+    class_balance: Mapped[dict] = mapped_column(JSON)            # label -> share of the pool's pseudo-labels
+    fit_seconds: Mapped[float] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class MetaRow(Base):
     __tablename__ = "meta"
 

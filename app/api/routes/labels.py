@@ -37,5 +37,8 @@ def replace_label_set(name: str, body: LabelSetCreate, runtime: RuntimeDep) -> L
 
 @router.delete("/{name}", status_code=status.HTTP_204_NO_CONTENT, responses=NOT_FOUND)
 def delete_label_set(name: str, runtime: RuntimeDep) -> None:
-    """Delete a label set and its cached embeddings (works while the model is still loading)."""
-    runtime.repository.delete(name)
+    """Delete a label set, its cached embeddings, KPL fits and indexed descriptions."""
+    if runtime.ready:
+        runtime.label_sets.delete(name)
+    else:   # the model is still loading: the store alone; the description index catches up at start-up
+        runtime.repository.delete(name)

@@ -1,0 +1,288 @@
+"""KPL (knowledge-proxy learning): text proxies from the best-matching class descriptions, balanced pseudo-labels,
+then vision proxies fitted on the pool of images -- the pure cores, on torch tensors, no model or service.
+
+Follows what the authors' script computes (see shared/notes/kpl.md), not only the paper's prose. Notation:
+X (n, d) L2-normalised image embeddings of the pool; T (d, c) text proxies; W (d, c) vision proxies; columns
+L2-normalised; M = X·T (n, c) cosine logits. Every function returns the dtype it is given (float32 or float64);
+the two iterative steps run in float64 inside: in float32, rounding noise in the gradient near convergence flips
+late step-halving decisions and W wanders by up to ~1e-4 in cosine from the float64 answer.
+
+1. ``text_proxy``: per class, keep the k descriptions with the highest mean cosine to the pool; t_j = their
+   normalised mean. The kept indices and scores are the evidence shown to the user.
+2. ``balance``: pseudo-labels from M. ``reference`` is the script's StableGreenkhorn (one row or column rescaled per
+   iteration; rows end near 1/n, not 1); ``sinkhorn`` is the paper's full alternation with rows scaled back to 1.
+3. ``fit_vision_proxies``: gradient steps on the cross-entropy between softmax(X·W/τi) and the pseudo-labels,
+   starting from W = T, step size halved whenever the gradient norm grows.
+"""
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from app.knowledge.index import DescriptionItem
+from app.knowledge.knowledge_base import KnowledgeBase
+from app.methods.base import ClassEvidence, ClassHead, EvidenceItem, ProxyKind, Scores
+from app.storage.kpl_fits import EvidenceEntry, KPLFitRepository, StoredFit
+
+Balancing = Literal["reference", "sinkhorn"]
+BALANCINGS: tuple[Balancing, ...] = ("reference", "sinkhorn")
+SOLVER_DTYPE = torch.float64                   # balance and fit_vision_proxies iterate in this, return the input dtype
+
+
+@dataclass(frozen=True)
+class KPLConfig:
+    """Hyperparameters of one KPL fit; defaults follow the reference implementation. Saved as JSON beside a fit."""
+    top_k_descriptions: int = 8
+    tau_text: float = 0.01                     # τt, temperature of the logits being balanced
+    balance_iters: int = 20
+    balancing: Balancing = "reference"         # "reference": the script's StableGreenkhorn; "sinkhorn": the paper's
+    alpha: float = 0.6                         # pseudo-labels more confident than this become one-hot
+    tau_image: float = 0.04                    # τi, temperature of the vision proxies
+    lr: float = 10.0                           # initial step size, halved whenever the gradient norm grows
+    proxy_iters: int = 2000
+
+
+@dataclass(frozen=True)
+class ProxyEvidence:
+    """The descriptions a class's text proxy was built from, best first."""
+    indices: torch.Tensor                      # (k',) int64 indices into that class's descriptions
+    scores: torch.Tensor                       # (k',) their mean cosine similarity to the image pool
+
+
+@dataclass(frozen=True)
+class KPLFit:
+    """The result of ``fit_kpl`` on one image pool."""
+    text_proxies: torch.Tensor                 # T (dim, n_classes), columns L2-normalised
+    vision_proxies: torch.Tensor               # W (dim, n_classes), columns L2-normalised; predict with these
+    pseudo_labels: torch.Tensor                # (n_images, n_classes), as ``balance`` returned them
+    evidence: tuple[ProxyEvidence, ...]        # one per class
+
+
+def text_proxy(image_features: torch.Tensor, description_features: torch.Tensor,
+               k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(n, d) normalised images and (m, d) normalised descriptions of ONE class -> (proxy (d,) normalised,
+    indices (k',) of the kept descriptions in descending score order, their scores (k',)), k' = min(k, m).
+    A description's score is its mean cosine similarity to the images."""
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    if description_features.ndim != 2 or description_features.shape[0] == 0:
+        raise ValueError(f"description_features must be (m >= 1, dim), got {tuple(description_features.shape)}")
+    scores = (image_features @ description_features.T).mean(dim=0)               # (m,)
+    top_scores, indices = torch.topk(scores, min(k, scores.shape[0]), sorted=True)
+    proxy = F.normalize(description_features[indices].mean(dim=0), dim=0)
+    return proxy, indices, top_scores
+
+
+def build_text_proxies(image_features: torch.Tensor, class_descriptions: Sequence[torch.Tensor],
+                       k: int) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """``text_proxy`` for every class -> (T (d, c) with normalised columns, [(indices, scores)] per class)."""
+    proxies, evidence = [], []
+    for descriptions in class_descriptions:
+        proxy, indices, scores = text_proxy(image_features, descriptions, k)
+        proxies.append(proxy)
+        evidence.append((indices, scores))
+    return torch.stack(proxies, dim=1), evidence
+
+
+def balance(logits: torch.Tensor, tau_t: float, iters: int, reading: Balancing,
+            class_prior: torch.Tensor | None = None) -> torch.Tensor:
+    """(n, c) logits -> (n, c) balanced pseudo-labels, all in log space.
+
+    Starts from log P = logits/τt − logsumexp over each row; targets are rows summing to r = 1/n and columns to
+    q = class_prior normalised to sum to 1 (uniform by default).
+    ``reference``: ``iters`` times, rescale only the one column or row whose sum is furthest from its target
+    (a column when the worst column violation is strictly larger, else a row); returns P unchanged, so most
+    rows sum to about 1/n (the authors' script passes it on like that).
+    ``sinkhorn``: ``iters`` rounds of rescaling all columns to q, then all rows to r; returns P·n, rows sum to 1.
+    """
+    if reading not in BALANCINGS:
+        raise ValueError(f"unknown balancing {reading!r}; expected one of {BALANCINGS}")
+    n, c = logits.shape
+    dtype, logits = logits.dtype, logits.to(SOLVER_DTYPE)
+    scaled = logits / tau_t
+    log_p = scaled - torch.logsumexp(scaled, dim=1, keepdim=True)
+    log_q = _log_column_targets(class_prior, c, logits)                         # (c,)
+    log_r = -math.log(n)
+    if reading == "sinkhorn":
+        for _ in range(iters):
+            log_p = log_p - torch.logsumexp(log_p, dim=0, keepdim=True) + log_q
+            log_p = log_p - torch.logsumexp(log_p, dim=1, keepdim=True) + log_r
+        return (log_p + math.log(n)).exp().to(dtype)
+    q, r = log_q.exp(), 1.0 / n
+    for _ in range(iters):
+        p = log_p.exp()
+        column_violation = (p.sum(dim=0) - q).abs()
+        row_violation = (p.sum(dim=1) - r).abs()
+        if column_violation.max() > row_violation.max():
+            j = int(column_violation.argmax())
+            log_p[:, j] += log_q[j] - torch.logsumexp(log_p[:, j], dim=0)
+        else:
+            i = int(row_violation.argmax())
+            log_p[i] += log_r - torch.logsumexp(log_p[i], dim=0)
+    return log_p.exp().to(dtype)
+
+
+def _log_column_targets(class_prior: torch.Tensor | None, n_classes: int, like: torch.Tensor) -> torch.Tensor:
+    if class_prior is None:
+        return torch.full((n_classes,), -math.log(n_classes), dtype=like.dtype, device=like.device)
+    prior = class_prior.to(dtype=like.dtype, device=like.device)
+    if prior.shape != (n_classes,) or bool((prior <= 0).any()):
+        raise ValueError(f"class_prior must hold {n_classes} positive weights, got {class_prior.tolist()}")
+    return prior.log() - prior.sum().log()
+
+
+def fit_vision_proxies(image_features: torch.Tensor, text_proxies: torch.Tensor, pseudo_labels: torch.Tensor, *,
+                       lr: float, iters: int, tau_i: float, alpha: float) -> torch.Tensor:
+    """Vision proxies W (d, c), columns normalised, fitted on X (n, d) from W = T (d, c) against Q (n, c).
+
+    Rows of Q whose largest entry exceeds ``alpha`` become one-hot. Each step: prob = softmax(X·W/τi);
+    grad = Xᵀ·prob − Xᵀ·Q (n·τi times the mean cross-entropy's gradient); halve ``lr`` when ‖grad‖_F grew since
+    the previous step; W ← W − lr/(n·τi)·grad; renormalise W's columns.
+    """
+    n, c = pseudo_labels.shape
+    dtype = text_proxies.dtype
+    image_features, text_proxies = image_features.to(SOLVER_DTYPE), text_proxies.to(SOLVER_DTYPE)
+    targets = pseudo_labels.to(SOLVER_DTYPE, copy=True)
+    confidence, label = targets.max(dim=1)
+    confident = confidence > alpha
+    targets[confident] = F.one_hot(label[confident], c).to(targets.dtype)
+    base = image_features.T @ targets                                            # (d, c)
+    weights = text_proxies.clone()
+    previous_norm = math.inf
+    for _ in range(iters):
+        prob = torch.softmax(image_features @ weights / tau_i, dim=1)           # (n, c)
+        grad = image_features.T @ prob - base
+        grad_norm = float(torch.linalg.matrix_norm(grad))
+        if grad_norm > previous_norm:
+            lr /= 2
+        previous_norm = grad_norm
+        weights = F.normalize(weights - lr / (n * tau_i) * grad, dim=0)
+    return weights.to(dtype)
+
+
+def predict(image_features: torch.Tensor, vision_proxies: torch.Tensor, tau_i: float) -> torch.Tensor:
+    """(n, d) normalised images, W (d, c) -> (n, c) probabilities softmax(X·W/τi)."""
+    return torch.softmax(image_features @ vision_proxies / tau_i, dim=1)
+
+
+def fit_kpl(image_features: torch.Tensor, class_descriptions: Sequence[torch.Tensor], config: KPLConfig = KPLConfig(),
+            *, class_prior: torch.Tensor | None = None) -> KPLFit:
+    """The transductive pipeline on one pool: text proxies from descriptions, balanced pseudo-labels from the
+    cosine logits X·T, vision proxies fitted from T. ``class_descriptions``: per class, (m_j, d) normalised."""
+    text_proxies, evidence = build_text_proxies(image_features, class_descriptions, config.top_k_descriptions)
+    pseudo_labels = balance(image_features @ text_proxies, config.tau_text, config.balance_iters, config.balancing,
+                            class_prior)
+    vision_proxies = fit_vision_proxies(image_features, text_proxies, pseudo_labels, lr=config.lr,
+                                        iters=config.proxy_iters, tau_i=config.tau_image, alpha=config.alpha)
+    return KPLFit(text_proxies, vision_proxies, pseudo_labels,
+                  tuple(ProxyEvidence(indices, scores) for indices, scores in evidence))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The service's `kpl` method: the cores above, fed from the knowledge base and the stored fits.
+
+class KPL:
+    """method=kpl. With a stored fit for the label set's current version: softmax(X·W/τi). Without one: per
+    image, each class's proxy is the mean of its k best-fitting descriptions (FAISS, restricted to the class).
+    Transductive (a batch): the whole pipeline fitted on the batch itself. Classes without descriptions use
+    their prompt ensemble as their only 'description'."""
+    name = "kpl"
+    supports_transductive = True
+
+    def __init__(self, knowledge: KnowledgeBase, fits: KPLFitRepository, config: KPLConfig) -> None:
+        self.knowledge = knowledge
+        self.fits = fits
+        self.config = config
+        self._cached: dict[tuple[str, int, str], StoredFit] = {}
+
+    def score(self, image_features: torch.Tensor, head: ClassHead, *, logit_scale: float,
+              transductive: bool = False) -> Scores:
+        if transductive and len(image_features) >= 2:
+            fit = self.fit(image_features, head)
+            return self._score_with_fit(image_features, head, fit, proxy="transductive")
+        stored = self.current_fit(head)
+        if stored is not None:
+            return self._score_with_fit(image_features, head, stored, proxy="fitted")
+        return self._score_per_image(image_features, head, logit_scale)
+
+    def current_fit(self, head: ClassHead) -> StoredFit | None:
+        key = (head.label_set, head.version, head.model_id)
+        latest = self.fits.current_version(*key)
+        if latest is None:
+            self._cached.pop(key, None)
+            return None
+        cached = self._cached.get(key)
+        if cached is None or cached.fit_version != latest:
+            cached = self.fits.current(*key)
+            self._cached[key] = cached
+        return cached
+
+    def fit(self, image_features: torch.Tensor, head: ClassHead) -> StoredFit:
+        """Steps 1+2 on a pool of images; the result is ready to store (fit_version 0 until stored)."""
+        started = time.perf_counter()
+        descriptions = [self._class_descriptions(head, c) for c in range(len(head.class_names))]
+        result = fit_kpl(image_features.float(), [torch.from_numpy(vectors) for vectors, _ in descriptions],
+                         self.config)
+        evidence, evidence_vectors = [], []
+        for (vectors, items), chosen in zip(descriptions, result.evidence):
+            picked = chosen.indices.tolist()
+            evidence.append([EvidenceEntry(items[i].text, items[i].source, round(float(s), 6))
+                             for i, s in zip(picked, chosen.scores.tolist())])
+            evidence_vectors.append(vectors[picked])
+        pseudo = result.pseudo_labels.argmax(dim=1).bincount(minlength=len(head.class_names)).float()
+        return StoredFit(
+            label_set=head.label_set, label_set_version=head.version, model_id=head.model_id, fit_version=0,
+            text_proxies=result.text_proxies.T.contiguous().numpy(),
+            vision_proxies=result.vision_proxies.T.contiguous().numpy(), evidence=evidence,
+            evidence_vectors=evidence_vectors, config=asdict(self.config), pool_size=len(image_features),
+            class_balance={name: round(float(share), 6)
+                           for name, share in zip(head.class_names, pseudo / pseudo.sum())},
+            fit_seconds=round(time.perf_counter() - started, 3), created_at=datetime.now(UTC))
+
+    def _class_descriptions(self, head: ClassHead, class_index: int) -> tuple[np.ndarray, list]:
+        vectors, items = self.knowledge.class_descriptions(head.label_set, head.class_names[class_index])
+        if len(items) == 0:
+            prompts = head.class_weights[class_index:class_index + 1].numpy()
+            return prompts.astype(np.float32), [DescriptionItem(head.label_set, "", head.class_names[class_index],
+                                                                head.class_names[class_index],
+                                                                "(class prompts: no descriptions)", "prompts")]
+        return vectors.astype(np.float32), items
+
+    def _score_with_fit(self, image_features: torch.Tensor, head: ClassHead, fit: StoredFit,
+                        proxy: ProxyKind) -> Scores:
+        vision_proxies = torch.from_numpy(fit.vision_proxies)                   # (n_classes, dim)
+        similarities = image_features @ vision_proxies.T
+        probabilities = predict(image_features, vision_proxies.T, self.config.tau_image)
+        evidence = []
+        for x in image_features.numpy():
+            evidence.append([ClassEvidence(proxy, tuple(
+                EvidenceItem(entry.text, entry.source, round(float(vector @ x), 6))
+                for entry, vector in zip(entries, vectors)))
+                for entries, vectors in zip(fit.evidence, fit.evidence_vectors)])
+        details = {"fit_version": fit.fit_version, "pool_size": fit.pool_size, "class_balance": fit.class_balance,
+                   "fit_seconds": fit.fit_seconds, "balancing": fit.config.get("balancing")}
+        return Scores(probabilities, similarities, evidence, details)
+
+    def _score_per_image(self, image_features: torch.Tensor, head: ClassHead, logit_scale: float) -> Scores:
+        queries = image_features.numpy().astype(np.float32)
+        n_images, n_classes = len(queries), len(head.class_names)
+        similarities = torch.empty(n_images, n_classes)
+        evidence: list[list[ClassEvidence]] = [[] for _ in range(n_images)]
+        for c, class_name in enumerate(head.class_names):
+            retrieved = self.knowledge.retrieve(queries, head.label_set, class_name, self.config.top_k_descriptions)
+            for i, found in enumerate(retrieved):
+                if found:
+                    proxy = F.normalize(torch.from_numpy(np.mean([r.vector for r in found], axis=0)), dim=0)
+                    evidence[i].append(ClassEvidence("per-image", tuple(
+                        EvidenceItem(r.text, r.source, round(r.similarity, 6)) for r in found)))
+                else:
+                    proxy = head.class_weights[c]
+                    evidence[i].append(ClassEvidence("prompts"))
+                similarities[i, c] = image_features[i] @ proxy
+        return Scores((logit_scale * similarities).softmax(dim=-1), similarities, evidence)

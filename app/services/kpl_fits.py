@@ -1,0 +1,88 @@
+"""KPL fitting use cases: a pool of unlabelled images (uploads or a server-side folder) -> text and vision
+proxies for a label set, stored versioned under the loaded model."""
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from starlette.concurrency import run_in_threadpool
+
+from app.errors import InvalidInput, KPLFitNotFound, MedzeroError, PayloadTooLarge
+from app.methods.kpl import KPL
+from app.services.classify import Classifier, Encoded
+from app.storage.kpl_fits import StoredFit
+
+POOL_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom"}
+
+
+@dataclass(frozen=True)
+class FitReport:
+    fit: StoredFit
+    skipped: list[tuple[str, MedzeroError]]     # (file name, why) for pool files that could not be used
+
+
+class KPLFitService:
+    def __init__(self, classifier: Classifier, method: KPL, *, pool_root: Path | None, max_pool_images: int,
+                 max_upload_bytes: int) -> None:
+        self._classifier = classifier
+        self._method = method
+        self._pool_root = pool_root.resolve() if pool_root else None
+        self._max_pool_images = max_pool_images
+        self._max_upload_bytes = max_upload_bytes
+
+    async def fit(self, label_set: str, files: Sequence[tuple[str, bytes]]) -> FitReport:
+        """Encode the pool (bad files are skipped and reported), fit, store as the label set's current fit."""
+        head = await self._classifier.head(label_set)
+        if len(files) > self._max_pool_images:
+            raise PayloadTooLarge(f"{len(files)} pool images; MEDZERO_KPL_MAX_POOL_IMAGES={self._max_pool_images}")
+        outcomes = await self._classifier.encode_many([data for _, data in files])
+        skipped = [(name, outcome) for (name, _), outcome in zip(files, outcomes) if isinstance(outcome, MedzeroError)]
+        features = [outcome.features for outcome in outcomes if isinstance(outcome, Encoded)]
+        if len(features) < 2:
+            raise InvalidInput(f"a KPL fit needs at least 2 usable images; got {len(features)} "
+                               f"({len(skipped)} could not be used)")
+        fitted = await run_in_threadpool(self._method.fit, torch.stack(features), head)
+        stored = await run_in_threadpool(self._method.fits.add, fitted)
+        return FitReport(stored, skipped)
+
+    async def fit_folder(self, label_set: str, folder: str) -> FitReport:
+        paths = self.pool_files(folder)
+        files = await run_in_threadpool(lambda: [(str(p.relative_to(self._pool_root)), self._read(p)) for p in paths])
+        return await self.fit(label_set, files)
+
+    def pool_files(self, folder: str) -> list[Path]:
+        """Image files under `folder`, which must lie inside MEDZERO_KPL_POOL_ROOT (no escaping it by .. or links)."""
+        if self._pool_root is None:
+            raise InvalidInput("fitting on a server-side folder is disabled; set MEDZERO_KPL_POOL_ROOT, or upload "
+                               "the images as `files`")
+        resolved = (self._pool_root / folder).resolve()
+        if not resolved.is_relative_to(self._pool_root):
+            raise InvalidInput(f"folder {folder!r} is outside MEDZERO_KPL_POOL_ROOT")
+        if not resolved.is_dir():
+            raise InvalidInput(f"no folder {folder!r} under MEDZERO_KPL_POOL_ROOT")
+        paths = sorted(p for p in resolved.rglob("*") if p.suffix.lower() in POOL_SUFFIXES and p.is_file()
+                       and p.resolve().is_relative_to(self._pool_root))
+        if len(paths) > self._max_pool_images:
+            raise PayloadTooLarge(f"{len(paths)} images in {folder!r}; "
+                                  f"MEDZERO_KPL_MAX_POOL_IMAGES={self._max_pool_images}")
+        return paths
+
+    def _read(self, path: Path) -> bytes:
+        if path.stat().st_size > self._max_upload_bytes:
+            return b""   # decodes as an empty upload: reported as skipped, like an upload over the limit would be
+        return path.read_bytes()
+
+    async def current(self, label_set: str) -> StoredFit:
+        head = await self._classifier.head(label_set)
+        fit = await run_in_threadpool(self._method.current_fit, head)
+        if fit is None:
+            raise KPLFitNotFound(f"label set {label_set!r} v{head.version} has no KPL fit under {head.model_id}; "
+                                 f"POST /labels/{label_set}/kpl makes one")
+        return fit
+
+    async def delete(self, label_set: str) -> int:
+        head = await self._classifier.head(label_set)
+        removed = await run_in_threadpool(self._method.fits.delete, label_set, head.model_id)
+        if removed == 0:
+            raise KPLFitNotFound(f"label set {label_set!r} has no KPL fit under {head.model_id}")
+        return removed
