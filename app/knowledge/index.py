@@ -57,11 +57,15 @@ def group_hash(items: Sequence[DescriptionItem]) -> str:
     return hashlib.sha256((DESCRIPTION_PROMPT + canonical).encode()).hexdigest()
 
 
-def use_gpu_if_available(index: faiss.Index) -> faiss.Index:
-    """faiss-gpu (the `gpu` extra) when a GPU is visible; the CPU index otherwise."""
-    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
-        return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
-    return index
+_gpu_resources = None
+
+
+def gpu_resources():
+    """faiss-gpu's resources when the `gpu` extra is installed and a GPU is visible, else None (CPU search)."""
+    global _gpu_resources
+    if _gpu_resources is None and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        _gpu_resources = faiss.StandardGpuResources()
+    return _gpu_resources
 
 
 class DescriptionIndex:
@@ -76,7 +80,9 @@ class DescriptionIndex:
         self.corpus_hash = ""
         self.built_at = 0.0
         self._next_id = 0
-        self._class_ids: dict[tuple[str, str], np.ndarray] = {}
+        # per (label set, class): (ids, vectors); rebuilt after a change. Restricted searches run on these
+        # small matrices (faiss.knn / knn_gpu), so their cost does not grow with the size of the whole index.
+        self._by_class: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
 
     @property
     def count(self) -> int:
@@ -91,7 +97,7 @@ class DescriptionIndex:
             self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
             self.items.update(zip(ids.tolist(), items))
         self.group_hashes[name] = digest
-        self._class_ids.clear()
+        self._by_class.clear()
 
     def remove_group(self, name: str) -> None:
         doomed = np.array([i for i, item in self.items.items() if item.label_set == name], dtype=np.int64)
@@ -100,39 +106,51 @@ class DescriptionIndex:
             for i in doomed.tolist():
                 del self.items[i]
         self.group_hashes.pop(name, None)
-        self._class_ids.clear()
+        self._by_class.clear()
 
     # -- reading
+    def _class_table(self) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
+        if not self._by_class and self.count:
+            inner = faiss.downcast_index(self.index.index)
+            all_vectors = inner.reconstruct_n(0, inner.ntotal)
+            all_ids = faiss.vector_to_array(self.index.id_map)
+            positions: dict[tuple[str, str], list[int]] = {}
+            for position, item_id in enumerate(all_ids.tolist()):
+                item = self.items[item_id]
+                positions.setdefault((item.label_set, item.class_name), []).append(position)
+            self._by_class = {key: (all_ids[rows], all_vectors[rows]) for key, rows in positions.items()}
+        return self._by_class
+
     def class_ids(self, label_set: str, class_name: str) -> np.ndarray:
-        if not self._class_ids:
-            grouped: dict[tuple[str, str], list[int]] = {}
-            for i, item in self.items.items():
-                grouped.setdefault((item.label_set, item.class_name), []).append(i)
-            self._class_ids = {key: np.array(ids, dtype=np.int64) for key, ids in grouped.items()}
-        return self._class_ids.get((label_set, class_name), np.empty(0, dtype=np.int64))
+        return self._class_table().get((label_set, class_name), (np.empty(0, np.int64), None))[0]
+
+    def class_vectors(self, label_set: str, class_name: str) -> tuple[np.ndarray, list[DescriptionItem]]:
+        """One class's (m, dim) description vectors and their entries."""
+        ids, vectors = self._class_table().get((label_set, class_name), (np.empty(0, np.int64), None))
+        if vectors is None:
+            return np.empty((0, self.dim), np.float32), []
+        return vectors, [self.items[int(i)] for i in ids]
 
     def search_class(self, queries: np.ndarray, label_set: str, class_name: str,
                      k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k descriptions of one class for each query: (similarities (n, k'), ids (n, k')), k' <= k."""
-        ids = self.class_ids(label_set, class_name)
+        ids, vectors = self._class_table().get((label_set, class_name), (np.empty(0, np.int64), None))
         k = min(k, len(ids))
         if k == 0:
             return np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
-        params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(ids))
-        similarities, found = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
-        return similarities, found
-
-    def vectors(self, ids: np.ndarray) -> np.ndarray:
-        """(len(ids), dim) stored vectors."""
-        return np.stack([self.index.reconstruct(int(i)) for i in ids]) if len(ids) else np.empty((0, self.dim))
-
-    def class_vectors(self, label_set: str, class_name: str) -> tuple[np.ndarray, list[DescriptionItem]]:
-        ids = self.class_ids(label_set, class_name)
-        return self.vectors(ids), [self.items[int(i)] for i in ids]
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        resources = gpu_resources()
+        if resources is not None:
+            similarities, rows = faiss.knn_gpu(resources, queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
+        else:
+            similarities, rows = faiss.knn(queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
+        return similarities, ids[rows]
 
     def retrieve(self, queries: np.ndarray, label_set: str, class_name: str, k: int) -> list[list[Retrieved]]:
         similarities, found = self.search_class(queries, label_set, class_name, k)
-        return [[Retrieved(self.items[int(i)].text, self.items[int(i)].source, float(s), self.index.reconstruct(int(i)))
+        ids, vectors = self._class_table().get((label_set, class_name), (np.empty(0, np.int64), None))
+        row_of = {int(i): row for row, i in enumerate(ids)}
+        return [[Retrieved(self.items[int(i)].text, self.items[int(i)].source, float(s), vectors[row_of[int(i)]])
                  for s, i in zip(row_s, row_i) if i >= 0] for row_s, row_i in zip(similarities, found)]
 
     # -- persistence: a folder per model, written to a temp folder and renamed into place
