@@ -20,3 +20,7 @@ READY = Gauge("medzero_ready", "1 when the encoder is loaded and warm.")
 PREDICTIONS = Counter("medzero_predictions_total", "Top-1 predictions by label set, label and method.",
                       ["label_set", "label", "method"])
 IMAGES = Counter("medzero_images_total", "Images classified, by input format.", ["format"])
+KPL_FIT_SECONDS = Histogram("medzero_kpl_fit_duration_seconds", "Seconds per KPL proxy fit (server side).",
+                            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
+KPL_FIT_IMAGES = Histogram("medzero_kpl_fit_pool_images", "Pool images per KPL proxy fit.",
+                           buckets=(2, 16, 64, 256, 1024, 4096, 16384))

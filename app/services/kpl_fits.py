@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from starlette.concurrency import run_in_threadpool
 
+from app import metrics
 from app.errors import InvalidInput, KPLFitNotFound, MedzeroError, PayloadTooLarge
 from app.methods.kpl import KPL
 from app.services.classify import Classifier, Encoded
@@ -30,25 +31,30 @@ class KPLFitService:
         self._max_pool_images = max_pool_images
         self._max_upload_bytes = max_upload_bytes
 
-    async def fit(self, label_set: str, files: Sequence[tuple[str, bytes]]) -> FitReport:
-        """Encode the pool (bad files are skipped and reported), fit, store as the label set's current fit."""
+    async def fit(self, label_set: str, files: Sequence[tuple[str, bytes]],
+                  skipped: Sequence[tuple[str, MedzeroError]] = ()) -> FitReport:
+        """Encode the pool (bad files are skipped and reported, with any `skipped` before), fit, and store as the
+        label set's current fit."""
         head = await self._classifier.head(label_set)
         if len(files) > self._max_pool_images:
             raise PayloadTooLarge(f"{len(files)} pool images; MEDZERO_KPL_MAX_POOL_IMAGES={self._max_pool_images}")
         outcomes = await self._classifier.encode_many([data for _, data in files])
-        skipped = [(name, outcome) for (name, _), outcome in zip(files, outcomes) if isinstance(outcome, MedzeroError)]
+        skipped = [*skipped, *((name, outcome) for (name, _), outcome in zip(files, outcomes)
+                               if isinstance(outcome, MedzeroError))]
         features = [outcome.features for outcome in outcomes if isinstance(outcome, Encoded)]
         if len(features) < 2:
             raise InvalidInput(f"a KPL fit needs at least 2 usable images; got {len(features)} "
                                f"({len(skipped)} could not be used)")
         fitted = await run_in_threadpool(self._method.fit, torch.stack(features), head)
         stored = await run_in_threadpool(self._method.fits.add, fitted)
+        metrics.KPL_FIT_SECONDS.observe(stored.fit_seconds)
+        metrics.KPL_FIT_IMAGES.observe(stored.pool_size)
         return FitReport(stored, skipped)
 
     async def fit_folder(self, label_set: str, folder: str) -> FitReport:
         paths = self.pool_files(folder)
-        files = await run_in_threadpool(lambda: [(str(p.relative_to(self._pool_root)), self._read(p)) for p in paths])
-        return await self.fit(label_set, files)
+        files, too_large = await run_in_threadpool(self._read_all, paths)
+        return await self.fit(label_set, files, too_large)
 
     def pool_files(self, folder: str) -> list[Path]:
         """Image files under `folder`, which must lie inside MEDZERO_KPL_POOL_ROOT (no escaping it by .. or links)."""
@@ -67,10 +73,17 @@ class KPLFitService:
                                   f"MEDZERO_KPL_MAX_POOL_IMAGES={self._max_pool_images}")
         return paths
 
-    def _read(self, path: Path) -> bytes:
-        if path.stat().st_size > self._max_upload_bytes:
-            return b""   # decodes as an empty upload: reported as skipped, like an upload over the limit would be
-        return path.read_bytes()
+    def _read_all(self, paths: Sequence[Path]) -> tuple[list[tuple[str, bytes]], list[tuple[str, MedzeroError]]]:
+        """The files' bytes; a file over MEDZERO_MAX_UPLOAD_BYTES is skipped like an upload that size would be."""
+        files, too_large = [], []
+        for path in paths:
+            name = str(path.relative_to(self._pool_root))
+            if path.stat().st_size > self._max_upload_bytes:
+                too_large.append((name, PayloadTooLarge(f"{name} is larger than MEDZERO_MAX_UPLOAD_BYTES="
+                                                        f"{self._max_upload_bytes} bytes")))
+            else:
+                files.append((name, path.read_bytes()))
+        return files, too_large
 
     async def current(self, label_set: str) -> StoredFit:
         head = await self._classifier.head(label_set)

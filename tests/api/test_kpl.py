@@ -122,9 +122,13 @@ def test_fit_from_a_server_side_folder_stays_inside_the_root(tmp_path: Path) -> 
     for i, (_, (_, data)) in enumerate(pool(5)):
         (root / "cxr" / ("nested" if i % 2 else "") / f"{i}.png").write_bytes(data)
     (tmp_path / "secret").mkdir()
-    with running_app(tiny_settings(tmp_path / "data", kpl_pool_root=root)) as client:
+    (root / "cxr" / "huge.png").write_bytes(bytes(300_000))
+    with running_app(tiny_settings(tmp_path / "data", kpl_pool_root=root, max_upload_bytes=200_000)) as client:
         fitted = client.post(f"/labels/{LABEL_SET}/kpl", data={"folder": "cxr"})
         assert fitted.status_code == 201 and fitted.json()["pool_size"] == 5
+        assert [(s["filename"], s["error"]["code"]) for s in fitted.json()["skipped"]] == [
+            ("cxr/huge.png", "payload_too_large")]
+        assert "medzero_kpl_fit_duration_seconds_count" in client.get("/metrics").text
         escape = client.post(f"/labels/{LABEL_SET}/kpl", data={"folder": "../secret"})
         assert escape.status_code == 422 and "outside" in escape.json()["error"]["message"]
         assert client.post(f"/labels/{LABEL_SET}/kpl", data={"folder": "missing"}).status_code == 422

@@ -33,8 +33,7 @@ async def fit_kpl(name: str, runtime: RuntimeDep,
             payloads.append((upload.filename or "(unnamed)", await read_bounded(upload, runtime.settings.max_upload_bytes)))
         except PayloadTooLarge as exc:
             too_large.append((upload.filename or "(unnamed)", exc))
-    report = await service.fit(name, payloads)
-    return to_public(FitReport(report.fit, too_large + report.skipped))
+    return to_public(await service.fit(name, payloads, too_large))
 
 
 @router.get("/labels/{name}/kpl", responses=ERRORS)
