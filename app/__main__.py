@@ -16,7 +16,8 @@ from app.settings import Settings
 
 log = logging.getLogger("medzero")
 # arguments that steer a command rather than configure medzero (everything else maps onto a Settings field)
-COMMAND_ARGUMENTS = {"command", "kb_command", "kpl_command", "label_set", "n_per_class", "no_progress", "images"}
+COMMAND_ARGUMENTS = {"command", "kb_command", "kpl_command", "label_set", "n_per_class", "no_progress", "images",
+                     "class_prior"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--label-set", required=True)
     fit.add_argument("--images", required=True, type=Path, help="folder of images (searched recursively)")
     fit.add_argument("--kpl-balancing", choices=["reference", "sinkhorn"], help="MEDZERO_KPL_BALANCING")
+    fit.add_argument("--class-prior", type=parse_class_prior, metavar="CLASS=WEIGHT,...",
+                     help="expected class shares for the balancing, e.g. normal=0.7,pneumonia=0.3 (default uniform)")
     fit.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_model_arguments(fit)
     return parser
@@ -88,11 +91,19 @@ def main(argv: list[str] | None = None) -> int:
             print(generate_descriptions.main(settings, args.label_set, args.n_per_class, progress=progress).render())
         elif args.command == "kpl" and args.kpl_command == "fit":
             from app.jobs import fit_kpl
-            print(render_fit(fit_kpl.main(settings, args.label_set, args.images, progress=progress)))
+            print(render_fit(fit_kpl.main(settings, args.label_set, args.images, progress=progress,
+                                          class_prior=args.class_prior)))
     except MedzeroError as exc:
         print(f"medzero {args.command}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def parse_class_prior(text: str) -> dict[str, float]:
+    try:
+        return {name.strip(): float(weight) for name, weight in (pair.split("=") for pair in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected CLASS=WEIGHT,... (e.g. normal=0.7,pneumonia=0.3), got {text!r}")
 
 
 def render_fit(report) -> str:

@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from app.errors import InvalidInput, MedzeroError
 from app.imaging.decode import decode_image
+from app.methods.kpl import prior_vector
 from app.runtime import load_core
 from app.services.kpl_fits import POOL_SUFFIXES
 from app.settings import Settings
@@ -27,7 +28,8 @@ class FitJobReport:
     skipped: list[tuple[str, str]]      # (path, error code)
 
 
-def main(settings: Settings, label_set: str, images_dir: Path, *, progress: bool = True) -> FitJobReport:
+def main(settings: Settings, label_set: str, images_dir: Path, *, progress: bool = True,
+         class_prior: dict[str, float] | None = None) -> FitJobReport:
     paths = sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in POOL_SUFFIXES and p.is_file())
     if not paths:
         raise InvalidInput(f"no images ({', '.join(sorted(POOL_SUFFIXES))}) under {images_dir}")
@@ -37,10 +39,11 @@ def main(settings: Settings, label_set: str, images_dir: Path, *, progress: bool
         fits = KPLFitRepository(engine)
         core = load_core(settings, LabelSetRepository(engine), fits, progress=progress)
         head = core.label_sets.head(label_set)
+        prior_vector(head, class_prior)                   # refuse a bad prior before encoding anything
         features, skipped = encode_folder(core.encoder, paths, settings.max_image_pixels, progress=progress)
         if len(features) < 2:
             raise InvalidInput(f"a KPL fit needs at least 2 usable images; {len(skipped)} of {len(paths)} failed")
-        fit = core.kpl.fit(features, head)
+        fit = core.kpl.fit(features, head, class_prior)
         return FitJobReport(fits.add(fit), skipped)
     finally:
         engine.dispose()

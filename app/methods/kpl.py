@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from app.errors import InvalidInput
 from app.knowledge.index import DescriptionItem
 from app.knowledge.knowledge_base import KnowledgeBase
 from app.methods.base import ClassEvidence, ClassHead, EvidenceItem, ProxyKind, Scores
@@ -187,6 +188,17 @@ def fit_kpl(image_features: torch.Tensor, class_descriptions: Sequence[torch.Ten
 # ---------------------------------------------------------------------------------------------------------------
 # The service's `kpl` method: the cores above, fed from the knowledge base and the stored fits.
 
+def prior_vector(head: ClassHead, class_prior: dict[str, float] | None) -> torch.Tensor | None:
+    """A {class: weight} prior as a tensor in the head's class order; every class named, weights positive."""
+    if class_prior is None:
+        return None
+    missing, unknown = set(head.class_names) - set(class_prior), set(class_prior) - set(head.class_names)
+    if missing or unknown or any(not (w > 0 and math.isfinite(w)) for w in class_prior.values()):
+        raise InvalidInput(f"class_prior needs a positive weight for each class of {head.label_set} "
+                           f"({', '.join(head.class_names)}); missing: {sorted(missing)}, unknown: {sorted(unknown)}")
+    return torch.tensor([float(class_prior[name]) for name in head.class_names], dtype=torch.float64)
+
+
 class KPL:
     """method=kpl. With a stored fit for the label set's current version: softmax(X·W/τi). Without one: per
     image, each class's proxy is the mean of its k best-fitting descriptions (FAISS, restricted to the class).
@@ -223,12 +235,15 @@ class KPL:
             self._cached[key] = cached
         return cached
 
-    def fit(self, image_features: torch.Tensor, head: ClassHead) -> StoredFit:
-        """Steps 1+2 on a pool of images; the result is ready to store (fit_version 0 until stored)."""
+    def fit(self, image_features: torch.Tensor, head: ClassHead,
+            class_prior: dict[str, float] | None = None) -> StoredFit:
+        """Steps 1+2 on a pool of images; the result is ready to store (fit_version 0 until stored).
+        `class_prior`: expected class shares for the balancing (uniform when None); any positive weights."""
         started = time.perf_counter()
+        prior = prior_vector(head, class_prior)
         descriptions = [self._class_descriptions(head, c) for c in range(len(head.class_names))]
         result = fit_kpl(image_features.float(), [torch.from_numpy(vectors) for vectors, _ in descriptions],
-                         self.config)
+                         self.config, class_prior=prior)
         evidence, evidence_vectors = [], []
         for (vectors, items), chosen in zip(descriptions, result.evidence):
             picked = chosen.indices.tolist()
@@ -240,7 +255,8 @@ class KPL:
             label_set=head.label_set, label_set_version=head.version, model_id=head.model_id, fit_version=0,
             text_proxies=result.text_proxies.T.contiguous().numpy(),
             vision_proxies=result.vision_proxies.T.contiguous().numpy(), evidence=evidence,
-            evidence_vectors=evidence_vectors, config=asdict(self.config), pool_size=len(image_features),
+            evidence_vectors=evidence_vectors, pool_size=len(image_features),
+            config={**asdict(self.config), "class_prior": class_prior},
             class_balance={name: round(float(share), 6)
                            for name, share in zip(head.class_names, pseudo / pseudo.sum())},
             fit_seconds=round(time.perf_counter() - started, 3), created_at=datetime.now(UTC))

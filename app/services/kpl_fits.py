@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app import metrics
 from app.errors import InvalidInput, KPLFitNotFound, MedzeroError, PayloadTooLarge
-from app.methods.kpl import KPL
+from app.methods.kpl import KPL, prior_vector
 from app.services.classify import Classifier, Encoded
 from app.storage.kpl_fits import StoredFit
 
@@ -32,10 +32,12 @@ class KPLFitService:
         self._max_upload_bytes = max_upload_bytes
 
     async def fit(self, label_set: str, files: Sequence[tuple[str, bytes]],
-                  skipped: Sequence[tuple[str, MedzeroError]] = ()) -> FitReport:
+                  skipped: Sequence[tuple[str, MedzeroError]] = (), *,
+                  class_prior: dict[str, float] | None = None) -> FitReport:
         """Encode the pool (bad files are skipped and reported, with any `skipped` before), fit, and store as the
         label set's current fit."""
         head = await self._classifier.head(label_set)
+        prior_vector(head, class_prior)                     # a bad prior is refused before any image is encoded
         if len(files) > self._max_pool_images:
             raise PayloadTooLarge(f"{len(files)} pool images; MEDZERO_KPL_MAX_POOL_IMAGES={self._max_pool_images}")
         outcomes = await self._classifier.encode_many([data for _, data in files])
@@ -45,16 +47,17 @@ class KPLFitService:
         if len(features) < 2:
             raise InvalidInput(f"a KPL fit needs at least 2 usable images; got {len(features)} "
                                f"({len(skipped)} could not be used)")
-        fitted = await run_in_threadpool(self._method.fit, torch.stack(features), head)
+        fitted = await run_in_threadpool(self._method.fit, torch.stack(features), head, class_prior)
         stored = await run_in_threadpool(self._method.fits.add, fitted)
         metrics.KPL_FIT_SECONDS.observe(stored.fit_seconds)
         metrics.KPL_FIT_IMAGES.observe(stored.pool_size)
         return FitReport(stored, skipped)
 
-    async def fit_folder(self, label_set: str, folder: str) -> FitReport:
+    async def fit_folder(self, label_set: str, folder: str, *,
+                         class_prior: dict[str, float] | None = None) -> FitReport:
         paths = self.pool_files(folder)
         files, too_large = await run_in_threadpool(self._read_all, paths)
-        return await self.fit(label_set, files, too_large)
+        return await self.fit(label_set, files, too_large, class_prior=class_prior)
 
     def pool_files(self, folder: str) -> list[Path]:
         """Image files under `folder`, which must lie inside MEDZERO_KPL_POOL_ROOT (no escaping it by .. or links)."""

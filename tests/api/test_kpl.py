@@ -147,3 +147,14 @@ def test_admin_key_guards_fit_and_delete(tmp_path: Path) -> None:
 def test_knowledge_base_status(client: TestClient) -> None:
     status = client.get("/kb").json()
     assert status["model_id"] == "medzero-tiny" and status["dim"] == 64 and status["count"] > 1000
+
+
+def test_class_prior_steers_the_balancing(tmp_path: Path) -> None:
+    with running_app(tiny_settings(tmp_path, kpl_balancing="sinkhorn")) as client:
+        prior = '{"normal": 0.9, "pneumonia": 0.1}'
+        fitted = client.post(f"/labels/{LABEL_SET}/kpl", files=pool(20), data={"class_prior": prior}).json()
+        assert fitted["config"]["class_prior"] == {"normal": 0.9, "pneumonia": 0.1}
+        assert fitted["class_balance"]["normal"] >= 0.8
+        for bad in ('{"normal": 1}', '{"normal": 1, "pneumonia": 0}', '{"normal": 1, "pneumonia": 1, "x": 1}', "[1]"):
+            refused = client.post(f"/labels/{LABEL_SET}/kpl", files=pool(3), data={"class_prior": bad})
+            assert refused.status_code == 422 and "class_prior" in refused.json()["error"]["message"]

@@ -30,7 +30,7 @@ def test_kb_build_then_kpl_fit_then_serve(tmp_path: Path) -> None:
         (images / f"{i}.png").write_bytes(png_bytes(width=40 + 9 * i, height=50))
     (images / "notes.png").write_bytes(b"not an image")
     fitted = medzero("kpl", "fit", "--label-set", "chest-xray-pneumonia", "--images", str(images),
-                     "--kpl-balancing", "sinkhorn", "--no-progress", env=env)
+                     "--kpl-balancing", "sinkhorn", "--class-prior", "normal=2,pneumonia=1", "--no-progress", env=env)
     assert fitted.returncode == 0, fitted.stderr
     assert "KPL fit v1 of chest-xray-pneumonia v1" in fitted.stdout and "6 images" in fitted.stdout
     assert "balancing=sinkhorn" in fitted.stdout and "skipped 1 files" in fitted.stdout
@@ -38,6 +38,7 @@ def test_kb_build_then_kpl_fit_then_serve(tmp_path: Path) -> None:
     with running_app(tiny_settings(tmp_path / "data")) as client:
         fit = client.get("/labels/chest-xray-pneumonia/kpl").json()
         assert fit["pool_size"] == 6 and fit["config"]["balancing"] == "sinkhorn"
+        assert fit["config"]["class_prior"] == {"normal": 2.0, "pneumonia": 1.0}
         answer = client.post("/classify", data={"label_set": "chest-xray-pneumonia", "method": "kpl"},
                              files={"file": ("x.png", png_bytes())}).json()
         assert answer["predictions"][0]["evidence"]["proxy"] == "fitted"

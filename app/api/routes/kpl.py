@@ -1,5 +1,6 @@
 """/labels/{name}/kpl: fit KPL proxies for a label set on a pool of unlabelled images (admin), show, delete.
 /kb: what the description index holds."""
+import json
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile, status
@@ -18,6 +19,9 @@ ERRORS = {code: {"model": ErrorBody} for code in (401, 404, 413, 422, 503)}
 async def fit_kpl(name: str, runtime: RuntimeDep,
                   files: Annotated[list[UploadFile] | None, File(description="Unlabelled pool images.")] = None,
                   folder: Annotated[str | None, Form(description="A folder under MEDZERO_KPL_POOL_ROOT.")] = None,
+                  class_prior: Annotated[str | None, Form(
+                      description='Expected class shares as JSON, e.g. {"normal": 0.7, "pneumonia": 0.3}; '
+                                  'uniform when absent.')] = None,
                   ) -> KPLFitPublic:
     """Fit KPL text and vision proxies on a pool of unlabelled images (uploads, or a server-side folder) and
     store them as the label set's current fit under the loaded model. Files that cannot be used are skipped
@@ -25,15 +29,16 @@ async def fit_kpl(name: str, runtime: RuntimeDep,
     service = runtime.kpl_fits
     if bool(files) == bool(folder):
         raise InvalidInput("send the pool as `files` (multipart) or name a server-side `folder`, not both")
+    prior = parse_class_prior(class_prior)
     if folder:
-        return to_public(await service.fit_folder(name, folder))
+        return to_public(await service.fit_folder(name, folder, class_prior=prior))
     payloads, too_large = [], []
     for upload in files:
         try:
             payloads.append((upload.filename or "(unnamed)", await read_bounded(upload, runtime.settings.max_upload_bytes)))
         except PayloadTooLarge as exc:
             too_large.append((upload.filename or "(unnamed)", exc))
-    return to_public(await service.fit(name, payloads, too_large))
+    return to_public(await service.fit(name, payloads, too_large, class_prior=prior))
 
 
 @router.get("/labels/{name}/kpl", responses=ERRORS)
@@ -54,6 +59,18 @@ def knowledge_base_status(runtime: RuntimeDep) -> dict:
     """The description index of the loaded model: model id, corpus hash, count, dimension, build time."""
     manifest = runtime.knowledge.manifest
     return {key: manifest.get(key) for key in ("model_id", "corpus_hash", "count", "dim", "built_at", "prompt")}
+
+
+def parse_class_prior(text: str | None) -> dict[str, float] | None:
+    if not text:
+        return None
+    try:
+        prior = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"class_prior is not JSON: {exc.msg}") from exc
+    if not isinstance(prior, dict) or not all(isinstance(v, int | float) for v in prior.values()):
+        raise InvalidInput('class_prior must be a JSON object of class -> weight, e.g. {"normal": 0.7, ...}')
+    return {str(k): float(v) for k, v in prior.items()}
 
 
 def to_public(report: FitReport) -> KPLFitPublic:

@@ -1,0 +1,582 @@
+"""KPL costs and benefits: restricted FAISS retrieval per image as the index grows, proxy-fit time as the pool
+grows, and zeroshot vs kpl accuracy on the labelled images in ../shared/data.
+
+1. retrieval: a `DescriptionIndex` filled through `replace_group` with N synthetic L2-normalised descriptions
+   (many label sets of 60 descriptions per class, one of them 7 classes x 60), then what method=kpl does per
+   image without a stored fit: `search_class(query, label_set, class, k=8)` for each of the 7 classes, as
+   single queries and as batches of 64; `retrieve` (search + evidence vectors) likewise; for reference a FAISS
+   `IDSelectorBatch` search over the whole index (restricted by filtering, not by slicing) and an unrestricted
+   top-8 `index.index.search`. Ratios against the smallest N;
+2. proxy fit: `fit_kpl` on synthetic pools (7 clusters + noise, 7 x 60 descriptions) with the default
+   KPLConfig, both balancing readings; when a full fit would take more than half of --max-fit-seconds,
+   fewer proxy iterations are timed and the fit is extrapolated per iteration (the table says so);
+3. accuracy: the configured model loaded by `load_core` as the server loads it (temporary data dir, so no
+   stored fit), every image of every dataset encoded, then zeroshot, kpl per image (no fit) and kpl fitted
+   transductively on the whole dataset under each balancing reading. With the tiny random-init model these
+   numbers are chance level and only show the pipeline runs; with real weights they are the comparison.
+
+Prints Markdown tables. Run from the repository root:
+
+    .venv/bin/python benchmarks/kpl.py                                   # ~4 min on 2 CPU cores
+    .venv/bin/python benchmarks/kpl.py --model-name hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224
+    .venv/bin/python benchmarks/kpl.py --sizes 1k,10k --pool-sizes 1k --skip-accuracy   # quick look
+"""
+import argparse
+import dataclasses
+import gc
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from app.knowledge.index import DescriptionIndex, DescriptionItem
+from app.methods.kpl import BALANCINGS, KPL, KPLConfig, fit_kpl
+from app.settings import DEMO_MODEL_NAME, Settings
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA_ROOT = REPO_ROOT.parent / "shared" / "data" / "datasets"
+DATASET_LABEL_SETS = {"pneumonia_cxr": "chest-xray-pneumonia", "covid_cxr": "chest-xray-covid",
+                      "ham10000": "ham10000", "aptos_dr": "diabetic-retinopathy", "busi": "breast-ultrasound"}
+TARGET_LABEL_SET = "bench-target"
+TARGET_CLASSES = 7                 # the label set every timed search is restricted to, like HAM10000's
+DESCRIPTIONS_PER_CLASS = 60        # the bundled corpus has 55-57 per class
+OTHER_CLASSES_PER_LABEL_SET = 5
+TOP_K = 8                          # KPLConfig.top_k_descriptions
+BATCH_QUERIES = 64
+MIN_BATCH_SAMPLES = 20             # batched timings repeat over at least this many batches
+REFERENCE_QUERIES = 50             # single-query samples for the two whole-index reference rows
+WARM_UP_CALLS = 5
+CALIBRATION_ITERS = 20             # proxy iterations timed to decide how many a fit can afford
+
+
+# -- synthetic vectors
+
+def normalise(vectors: np.ndarray) -> np.ndarray:
+    return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+
+
+def label_set_groups(total: int) -> list[tuple[str, list[int]]]:
+    """(label set, descriptions per class) adding up to `total`: the 7-class target first, then label sets of
+    5 classes x 60; the last one takes the remainder."""
+    groups = [(TARGET_LABEL_SET, [DESCRIPTIONS_PER_CLASS] * TARGET_CLASSES)]
+    left = total - TARGET_CLASSES * DESCRIPTIONS_PER_CLASS
+    while left > 0:
+        per_class = [min(DESCRIPTIONS_PER_CLASS, max(0, left - j * DESCRIPTIONS_PER_CLASS))
+                     for j in range(OTHER_CLASSES_PER_LABEL_SET)]
+        per_class = [count for count in per_class if count]
+        groups.append((f"bench-{len(groups):05d}", per_class))
+        left -= sum(per_class)
+    return groups
+
+
+def description_group(name: str, per_class: list[int], dim: int,
+                      rng: np.random.Generator) -> tuple[list[DescriptionItem], np.ndarray, np.ndarray]:
+    """Items, (m, dim) vectors around one random centroid per class, and the (n_classes, dim) centroids."""
+    centroids = normalise(rng.standard_normal((len(per_class), dim)))
+    items, vectors = [], []
+    for c, count in enumerate(per_class):
+        class_name = f"class_{c}"
+        items += [DescriptionItem(name, "synthetic", class_name, class_name, f"description {j} of {class_name}",
+                                  "curated") for j in range(count)]
+        vectors.append(centroids[c] + rng.standard_normal((count, dim)).astype(np.float32) / math.sqrt(dim))
+    return items, normalise(np.concatenate(vectors)), centroids
+
+
+def queries_near(centroids: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """(count, dim) 'images': each near a random class centroid, as a real image is near its class."""
+    dim = centroids.shape[1]
+    picks = rng.integers(len(centroids), size=count)
+    return normalise(centroids[picks] + 2 * rng.standard_normal((count, dim)).astype(np.float32) / math.sqrt(dim))
+
+
+# -- 1. retrieval
+
+@dataclass
+class Latency:
+    operation: str
+    descriptions: int
+    queries: int                       # single-query samples
+    image_ms: list[float]              # single queries: per image (all the operation's calls)
+    call_ms: list[float]               # single queries: per call (one class); empty if one call per image
+    batch_image_ms: list[float]        # batches of BATCH_QUERIES: per image
+
+
+@dataclass
+class Upkeep:
+    descriptions: int
+    label_sets: int
+    build_seconds: float               # every replace_group into an empty index
+    first_search_ms: float             # the first search_class after the build (per-class tables built lazily)
+    replace_ms: float                  # replace_group of the target label set in the full index (a label-set update)
+    first_search_after_replace_ms: float
+
+
+def time_calls(calls: list[Callable[[], object]]) -> tuple[float, list[float]]:
+    """Runs `calls` in order; (total ms, ms per call)."""
+    per_call = []
+    for call in calls:
+        started = time.perf_counter_ns()
+        call()
+        per_call.append((time.perf_counter_ns() - started) / 1e6)
+    return sum(per_call), per_call
+
+
+def measure_operation(name: str, descriptions: int, queries: np.ndarray,
+                      calls_for: Callable[[np.ndarray], list[Callable[[], object]]], single_queries: int,
+                      one_call_per_image: bool) -> Latency:
+    for query in queries[:WARM_UP_CALLS]:
+        time_calls(calls_for(query[None]))
+    image_ms, call_ms = [], []
+    for query in tqdm(queries[:single_queries], desc=f"{name[:28]} @ {descriptions:,}", unit="query",
+                      leave=False):
+        total, per_call = time_calls(calls_for(query[None]))   # batch of 1: one image as /classify sends it
+        image_ms.append(total)
+        call_ms += [] if one_call_per_image else per_call
+    batches = [queries[i:i + BATCH_QUERIES] for i in range(0, len(queries) - BATCH_QUERIES + 1, BATCH_QUERIES)]
+    batch_image_ms = []
+    for round_ in range(max(1, math.ceil(MIN_BATCH_SAMPLES / len(batches)))):
+        for batch in batches:
+            batch_image_ms.append(time_calls(calls_for(batch))[0] / len(batch))
+    return Latency(name, descriptions, single_queries, image_ms, call_ms, batch_image_ms)
+
+
+def benchmark_retrieval(size: int, dim: int, n_queries: int, seed: int) -> tuple[list[Latency], Upkeep]:
+    rng = np.random.default_rng(seed)
+    groups = label_set_groups(size)
+    index = DescriptionIndex("bench-synthetic", dim)
+    build_seconds = 0.0
+    target_centroids = None
+    for name, per_class in tqdm(groups, desc=f"filling index @ {size:,}", unit="label set", leave=False):
+        items, vectors, centroids = description_group(name, per_class, dim, rng)
+        target_centroids = centroids if target_centroids is None else target_centroids
+        started = time.perf_counter()
+        index.replace_group(name, items, vectors, digest=name)
+        build_seconds += time.perf_counter() - started
+    classes = [f"class_{c}" for c in range(TARGET_CLASSES)]
+    queries = queries_near(target_centroids, max(n_queries, BATCH_QUERIES), rng)
+
+    first_search_ms = time_calls([lambda: index.search_class(queries[:1], TARGET_LABEL_SET, classes[0], TOP_K)])[0]
+
+    def search_class(query: np.ndarray) -> list[Callable[[], object]]:
+        return [lambda c=c: index.search_class(query, TARGET_LABEL_SET, c, TOP_K) for c in classes]
+
+    def retrieve(query: np.ndarray) -> list[Callable[[], object]]:
+        return [lambda c=c: index.retrieve(query, TARGET_LABEL_SET, c, TOP_K) for c in classes]
+
+    class_ids = {c: index.class_ids(TARGET_LABEL_SET, c) for c in classes}
+
+    def id_selector_batch(query: np.ndarray) -> list[Callable[[], object]]:
+        def call(c: str) -> object:
+            params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(class_ids[c]))
+            return index.index.search(query, TOP_K, params=params)
+        return [lambda c=c: call(c) for c in classes]
+
+    def unrestricted(query: np.ndarray) -> list[Callable[[], object]]:
+        return [lambda: index.index.search(query, TOP_K)]
+
+    reference_queries = min(n_queries, REFERENCE_QUERIES)
+    latencies = [
+        measure_operation("`search_class` × 7", size, queries, search_class, n_queries, False),
+        measure_operation("`retrieve` × 7", size, queries, retrieve, n_queries, False),
+        measure_operation("FAISS `IDSelectorBatch` over the whole index × 7", size, queries, id_selector_batch,
+                          reference_queries, False),
+        measure_operation("unrestricted top-8 `index.index.search` × 1", size, queries, unrestricted,
+                          reference_queries, True),
+    ]
+
+    name, per_class = groups[0]
+    items, vectors, _ = description_group(name, per_class, dim, rng)
+    started = time.perf_counter()
+    index.replace_group(name, items, vectors, digest=f"{name}-v2")
+    replace_ms = (time.perf_counter() - started) * 1000
+    after_ms = time_calls([lambda: index.search_class(queries[:1], TARGET_LABEL_SET, classes[0], TOP_K)])[0]
+    upkeep = Upkeep(index.count, len(groups), build_seconds, first_search_ms, replace_ms, after_ms)
+    return latencies, upkeep
+
+
+# -- 2. proxy fit
+
+@dataclass
+class FitTiming:
+    pool_size: int
+    balancing: str
+    iterations_measured: int
+    seconds: float                     # for KPLConfig().proxy_iters iterations; extrapolated if fewer measured
+    setup_seconds: float               # fit_kpl with no proxy iterations: text proxies + balancing
+    agreement: float                   # argmax of X·W vs the clusters the pool was drawn from
+
+
+def synthetic_pool(n_images: int, dim: int, seed: int) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """(n, dim) images in 7 clusters + noise, per class (60, dim) descriptions near the class centre, labels."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(TARGET_CLASSES, dim, generator=generator), dim=1)
+    labels = torch.arange(n_images) % TARGET_CLASSES
+    images = F.normalize(centres[labels] + 3 * torch.randn(n_images, dim, generator=generator) / math.sqrt(dim),
+                         dim=1)
+    descriptions = [F.normalize(centres[c] + 2 * torch.randn(DESCRIPTIONS_PER_CLASS, dim, generator=generator)
+                                / math.sqrt(dim), dim=1) for c in range(TARGET_CLASSES)]
+    return images, descriptions, labels
+
+
+def timed_fit(images: torch.Tensor, descriptions: list[torch.Tensor], config: KPLConfig) -> tuple[float, object]:
+    started = time.perf_counter()
+    fit = fit_kpl(images, descriptions, config)
+    return time.perf_counter() - started, fit
+
+
+def benchmark_fit(pool_size: int, dim: int, balancing: str, max_seconds: float, seed: int) -> FitTiming:
+    """Times `fit_kpl` with no proxy iterations (the fixed part), then with CALIBRATION_ITERS, then with more as
+    long as the next run, judged by the last, takes at most half of `max_seconds`. A run short of the default
+    iterations is extrapolated per iteration (each iteration does the same work)."""
+    images, descriptions, labels = synthetic_pool(pool_size, dim, seed)
+    full = KPLConfig(balancing=balancing)
+    setup_seconds, _ = timed_fit(images, descriptions, dataclasses.replace(full, proxy_iters=0))
+    iterations = min(CALIBRATION_ITERS, full.proxy_iters)
+    while True:
+        seconds, fit = timed_fit(images, descriptions, dataclasses.replace(full, proxy_iters=iterations))
+        per_iter = max(seconds - setup_seconds, 1e-9) / iterations
+        affordable = int((max_seconds / 2 - setup_seconds) / per_iter)
+        following = min(full.proxy_iters, max(2 * iterations, affordable))
+        if iterations == full.proxy_iters:
+            break
+        if following > affordable:
+            seconds = setup_seconds + per_iter * full.proxy_iters
+            break
+        iterations = following
+    agreement = float(((images @ fit.vision_proxies).argmax(dim=1) == labels).float().mean())
+    return FitTiming(pool_size, balancing, iterations, seconds, setup_seconds, agreement)
+
+
+# -- 3. accuracy
+
+@dataclass
+class MethodScore:
+    dataset: str
+    label_set: str
+    images: int
+    n_classes: int
+    method: str
+    accuracy: float
+    balanced_accuracy: float
+    macro_f1: float
+    seconds: float
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """(n_classes, n_classes) counts, rows = true class, columns = predicted."""
+    return np.bincount(y_true * n_classes + y_pred, minlength=n_classes ** 2).reshape(n_classes, n_classes)
+
+
+def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
+    """Mean recall over the classes present in y_true (scikit-learn's balanced_accuracy_score)."""
+    matrix = confusion_matrix(y_true, y_pred, n_classes)
+    support = matrix.sum(axis=1)
+    present = support > 0
+    return float((np.diag(matrix)[present] / support[present]).mean())
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
+    """Unweighted mean F1 over the classes in y_true or y_pred, 0 where undefined (scikit-learn's f1_score with
+    average="macro", zero_division=0)."""
+    matrix = confusion_matrix(y_true, y_pred, n_classes)
+    hits, predicted, actual = np.diag(matrix), matrix.sum(axis=0), matrix.sum(axis=1)
+    seen = (predicted + actual) > 0
+    f1 = np.divide(2 * hits, predicted + actual, out=np.zeros(n_classes), where=seen)   # 2PR/(P+R) = 2tp/(pred+act)
+    return float(f1[seen].mean())
+
+
+def list_dataset(folder: Path, suffixes: set[str]) -> tuple[list[Path], list[str]]:
+    paths, labels = [], []
+    for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+        found = sorted(p for p in class_dir.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+        paths += found
+        labels += [class_dir.name] * len(found)
+    return paths, labels
+
+
+def benchmark_accuracy(args: argparse.Namespace, work_dir: Path) -> tuple[str, str, bool, list[str], list[MethodScore]]:
+    """(model id, device, pretrained weights?, notes, scores)."""
+    from app.jobs.fit_kpl import encode_folder            # the model stack, only when this section runs
+    from app.methods.zero_shot import ZeroShot
+    from app.runtime import load_core
+    from app.services.kpl_fits import POOL_SUFFIXES
+    from app.storage.db import create_db_engine
+    from app.storage.kpl_fits import KPLFitRepository
+    from app.storage.label_sets import LabelSetRepository
+
+    settings = Settings(model_name=args.model_name, pretrained=args.pretrained, device=args.device,
+                        data_dir=work_dir / "data")
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = create_db_engine(settings.resolved_database_url)
+    notes, scores = [], []
+    try:
+        fits = KPLFitRepository(engine)
+        core = load_core(settings, LabelSetRepository(engine), fits, progress=True)
+        encoder, logit_scale = core.encoder, core.encoder.logit_scale
+        transductive = {reading: KPL(core.knowledge, fits, dataclasses.replace(core.kpl.config, balancing=reading))
+                        for reading in BALANCINGS}
+        for dataset, label_set in DATASET_LABEL_SETS.items():
+            folder = args.data_root / dataset
+            if not folder.is_dir():
+                notes.append(f"`{dataset}`: no folder {folder}; skipped")
+                continue
+            head = core.label_sets.head(label_set)
+            if core.kpl.current_fit(head) is not None:
+                raise SystemExit(f"{label_set} has a stored KPL fit in a fresh data dir; kpl per image would use it")
+            paths, labels = list_dataset(folder, POOL_SUFFIXES)
+            unknown = sorted(set(labels) - set(head.class_names))
+            if unknown or not paths:
+                notes.append(f"`{dataset}`: class folders {unknown} are not classes of `{label_set}` "
+                             f"({', '.join(head.class_names)}), or no images; skipped")
+                continue
+            features, skipped = encode_folder(encoder, paths, settings.max_image_pixels, progress=True)
+            bad = {path for path, _ in skipped}
+            y_true = np.array([head.class_names.index(label) for path, label in zip(paths, labels)
+                               if str(path) not in bad])
+            if skipped:
+                notes.append(f"`{dataset}`: {len(skipped)} unreadable images skipped")
+            n_classes = len(head.class_names)
+            runs = [("zeroshot", lambda: ZeroShot().score(features, head, logit_scale=logit_scale)),
+                    ("kpl, per image (no fit)",
+                     lambda: core.kpl.score(features, head, logit_scale=logit_scale, transductive=False))]
+            runs += [(f"kpl, transductive, {reading}",
+                      lambda method=method: method.score(features, head, logit_scale=logit_scale, transductive=True))
+                     for reading, method in transductive.items()]
+            for method_name, run in tqdm(runs, desc=f"scoring {dataset}", unit="method", leave=False):
+                started = time.perf_counter()
+                y_pred = run().probabilities.argmax(dim=1).numpy()
+                seconds = time.perf_counter() - started
+                scores.append(MethodScore(dataset, label_set, len(y_true), len(set(y_true.tolist())), method_name,
+                                          float((y_pred == y_true).mean()), balanced_accuracy(y_true, y_pred, n_classes),
+                                          macro_f1(y_true, y_pred, n_classes), seconds))
+        return encoder.model_id, str(encoder.device), encoder.has_pretrained_weights, notes, scores
+    finally:
+        engine.dispose()
+
+
+# -- report
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else math.nan
+
+
+def ms(value: float) -> str:
+    if math.isnan(value):
+        return "–"
+    return f"{value:.3f}" if value < 10 else f"{value:.1f}"
+
+
+def format_latency_table(latencies: list[Latency]) -> str:
+    baseline = {(r.operation, "single"): percentile(r.image_ms, 50) for r in latencies
+                if r.descriptions == min(x.descriptions for x in latencies)}
+    baseline |= {(r.operation, "batch"): percentile(r.batch_image_ms, 50) for r in latencies
+                 if r.descriptions == min(x.descriptions for x in latencies)}
+    lines = ["| operation | descriptions | queries | ms/image p50 | ms/image p95 | ms/class search p50 "
+             "| ms/class search p95 | batch of 64: ms/image p50 | batch of 64: ms/image p95 "
+             "| ÷ smallest N (single p50) | ÷ smallest N (batch p50) |",
+             "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for row in sorted(latencies, key=lambda r: ([x.operation for x in latencies].index(r.operation),
+                                                 r.descriptions)):
+        single, batch = percentile(row.image_ms, 50), percentile(row.batch_image_ms, 50)
+        lines.append(f"| {row.operation} | {row.descriptions:,} | {row.queries} | {ms(single)} "
+                     f"| {ms(percentile(row.image_ms, 95))} | {ms(percentile(row.call_ms, 50))} "
+                     f"| {ms(percentile(row.call_ms, 95))} | {ms(batch)} | {ms(percentile(row.batch_image_ms, 95))} "
+                     f"| {single / baseline[(row.operation, 'single')]:.2f} "
+                     f"| {batch / baseline[(row.operation, 'batch')]:.2f} |")
+    return "\n".join(lines)
+
+
+def format_upkeep_table(upkeep: list[Upkeep]) -> str:
+    lines = ["| descriptions | label sets | build: every `replace_group` s | first `search_class` after the build ms "
+             f"| `replace_group` of the {TARGET_CLASSES}-class label set ms | first `search_class` after it ms |",
+             "|--:|--:|--:|--:|--:|--:|"]
+    for row in upkeep:
+        lines.append(f"| {row.descriptions:,} | {row.label_sets} | {row.build_seconds:.2f} | {ms(row.first_search_ms)} "
+                     f"| {ms(row.replace_ms)} | {ms(row.first_search_after_replace_ms)} |")
+    return "\n".join(lines)
+
+
+def goal_line(latencies: list[Latency], goal_size: int = 100_000, goal_ms: float = 1.0) -> str:
+    rows = [r for r in latencies if r.operation.startswith("`search_class`") and r.descriptions >= goal_size]
+    if not rows:
+        return f"1 ms goal at {goal_size:,} descriptions: not measured (no --sizes entry ≥ {goal_size:,})."
+    row = min(rows, key=lambda r: r.descriptions)
+    p50, p95 = percentile(row.image_ms, 50), percentile(row.image_ms, 95)
+    verdict = "MET" if p95 < goal_ms else ("met at the median, not at p95" if p50 < goal_ms else "NOT MET")
+    return (f"Goal < {goal_ms:g} ms per image at {goal_size:,} descriptions on CPU (all {TARGET_CLASSES} class "
+            f"searches, single query): {verdict} — {row.descriptions:,} descriptions: p50 {ms(p50)} ms, "
+            f"p95 {ms(p95)} ms; batched {ms(percentile(row.batch_image_ms, 50))} ms/image.")
+
+
+def format_fit_table(timings: list[FitTiming]) -> str:
+    full_iters = KPLConfig().proxy_iters
+    smallest = {t.balancing: t.seconds for t in timings if t.pool_size == min(x.pool_size for x in timings)}
+    lines = [f"| balancing | pool images | iterations measured | seconds for {full_iters} iterations "
+             "| of which text proxies + balancing | ÷ smallest pool | agreement with the synthetic clusters |",
+             "|---|--:|--:|--:|--:|--:|--:|"]
+    for t in sorted(timings, key=lambda t: (BALANCINGS.index(t.balancing), t.pool_size)):
+        measured = (f"{t.iterations_measured}" if t.iterations_measured == full_iters
+                    else f"{t.iterations_measured} (extrapolated to {full_iters})")
+        lines.append(f"| {t.balancing} | {t.pool_size:,} | {measured} | {t.seconds:.1f} | {t.setup_seconds:.2f} "
+                     f"| {t.seconds / smallest[t.balancing]:.2f} | {t.agreement:.3f} |")
+    return "\n".join(lines)
+
+
+def format_accuracy_table(scores: list[MethodScore]) -> str:
+    def pct(value: float) -> str:
+        return f"{100 * value:.1f}"
+
+    def delta(value: float, base: float) -> str:
+        return f"{100 * (value - base):+.1f}"
+
+    lines = ["| dataset | label set | images | chance (bal. acc.) | method | accuracy % | Δ | balanced acc. % | Δ "
+             "| macro-F1 % | Δ | seconds |",
+             "|---|---|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|"]
+    by_dataset: dict[str, list[MethodScore]] = {}
+    for score in scores:
+        by_dataset.setdefault(score.dataset, []).append(score)
+    for dataset, rows in by_dataset.items():
+        base = rows[0]   # zeroshot
+        for row in rows:
+            same = row is base
+            lines.append(f"| {dataset if same else ''} | {row.label_set if same else ''} "
+                         f"| {row.images if same else ''} | {pct(1 / row.n_classes) if same else ''} | {row.method} "
+                         f"| {pct(row.accuracy)} | {'' if same else delta(row.accuracy, base.accuracy)} "
+                         f"| {pct(row.balanced_accuracy)} "
+                         f"| {'' if same else delta(row.balanced_accuracy, base.balanced_accuracy)} "
+                         f"| {pct(row.macro_f1)} | {'' if same else delta(row.macro_f1, base.macro_f1)} "
+                         f"| {row.seconds:.2f} |")
+    methods = list(dict.fromkeys(s.method for s in scores))
+    means = {m: [np.mean([getattr(s, f) for s in scores if s.method == m])
+                 for f in ("accuracy", "balanced_accuracy", "macro_f1")] for m in methods}
+    for m in methods:
+        base = means[methods[0]]
+        cells = " | ".join(f"{pct(v)} | {'' if m == methods[0] else delta(v, b)}" for v, b in zip(means[m], base))
+        lines.append(f"| **mean over {len(by_dataset)} datasets** | | | | {m} | {cells} | |")
+    return "\n".join(lines)
+
+
+def progress(message: str) -> None:
+    print(f"[kpl] {message}", file=sys.stderr, flush=True)
+
+
+def parse_counts(text: str) -> list[int]:
+    counts = []
+    for part in (p.strip().lower() for p in text.split(",") if p.strip()):
+        counts.append(int(float(part[:-1]) * 1000) if part.endswith("k") else int(part))
+    return counts
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--sizes", default="1k,10k,100k", help="descriptions in the index, comma-separated")
+    parser.add_argument("--pool-sizes", default="1k,10k", help="images in the synthetic fitting pools")
+    parser.add_argument("--dim", type=int, default=512, help="embedding dimension of the synthetic vectors "
+                                                             "(512: BiomedCLIP, ViT-B-16)")
+    parser.add_argument("--queries", type=int, default=200, help="single-query samples per restricted operation")
+    parser.add_argument("--max-fit-seconds", type=float, default=30.0,
+                        help="a fit estimated to take more than half of this is timed over fewer proxy iterations "
+                             "and extrapolated")
+    parser.add_argument("--threads", type=int, help="torch and FAISS threads (default: theirs)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-accuracy", action="store_true", help="no model, no images: sections 1 and 2 only")
+    parser.add_argument("--model-name", default=DEMO_MODEL_NAME, help="open_clip model id (MEDZERO_MODEL_NAME)")
+    parser.add_argument("--pretrained", help="pretrained tag or checkpoint path (MEDZERO_PRETRAINED)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="encoder device")
+    parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT,
+                        help="<dataset>/<class>/*.png folders; the accuracy section is skipped if absent")
+    args = parser.parse_args(argv)
+    try:
+        args.sizes, args.pool_sizes = parse_counts(args.sizes), parse_counts(args.pool_sizes)
+    except ValueError as exc:
+        parser.error(f"--sizes and --pool-sizes take counts like 1000 or 10k: {exc}")
+    smallest = TARGET_CLASSES * DESCRIPTIONS_PER_CLASS
+    if any(n < smallest for n in args.sizes):
+        parser.error(f"--sizes must be at least {smallest} (the {TARGET_CLASSES}-class label set alone)")
+    if any(n < 2 for n in args.pool_sizes) or args.dim < 2 or args.queries < 1:
+        parser.error("--pool-sizes must be at least 2, --dim at least 2 and --queries positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    load_at_start = os.getloadavg()[0]   # other work on the machine skews every number below
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        faiss.omp_set_num_threads(args.threads)
+
+    latencies, upkeep = [], []
+    for size in args.sizes:
+        progress(f"retrieval: {size:,} descriptions, dim {args.dim}")
+        rows, kept = benchmark_retrieval(size, args.dim, args.queries, args.seed)
+        latencies += rows
+        upkeep.append(kept)
+        gc.collect()
+
+    timings = []
+    for pool_size, balancing in tqdm([(n, b) for n in args.pool_sizes for b in BALANCINGS],
+                                     desc="proxy fits", unit="fit"):
+        timings.append(benchmark_fit(pool_size, args.dim, balancing, args.max_fit_seconds, args.seed))
+
+    model_line, accuracy_lines = f"model: not loaded (--skip-accuracy)", []
+    if not args.skip_accuracy and not args.data_root.is_dir():
+        accuracy_lines = [f"Accuracy: skipped, no {args.data_root} on this machine (see ../shared/data/README.md)."]
+        model_line = "model: not loaded (no labelled images)"
+    elif not args.skip_accuracy:
+        progress(f"accuracy: loading {args.model_name} as the server does")
+        with tempfile.TemporaryDirectory(prefix="medzero-bench-") as work_dir:
+            model_id, device, pretrained, notes, scores = benchmark_accuracy(args, Path(work_dir))
+        model_line = (f"model `{model_id}` on {device} "
+                      f"({'pretrained weights' if pretrained else 'RANDOM INIT, no pretrained weights'})")
+        if pretrained:
+            caveat = (f"With `{model_id}` (pretrained weights) this is the real comparison on the development split.")
+        else:
+            caveat = (f"**`{model_id}` is randomly initialised: these numbers are CHANCE LEVEL and only show that the "
+                      "pipeline runs end to end. Run with real weights (--model-name hf-hub:... or --pretrained "
+                      "/path/to/checkpoint) for the real comparison.**")
+        accuracy_lines = [caveat, *notes, "", format_accuracy_table(scores) if scores else "(no dataset scored)"]
+
+    gpu = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    print(f"{model_line} · torch {torch.__version__}, {torch.get_num_threads()} threads · "
+          f"faiss {faiss.__version__} ({faiss.get_compile_options().strip()}), {faiss.omp_get_max_threads()} OpenMP "
+          f"threads, {'a GPU visible to faiss' if gpu else 'CPU only'} · {os.cpu_count()} CPUs · load average "
+          f"{load_at_start:.1f} at start, {os.getloadavg()[0]:.1f} at end")
+    print()
+    print(f"### Retrieval per image: {TARGET_CLASSES} classes × {DESCRIPTIONS_PER_CLASS} descriptions restricted, "
+          f"k={TOP_K}, dim {args.dim}")
+    print()
+    print(format_latency_table(latencies))
+    print()
+    print(goal_line(latencies))
+    print()
+    print(format_upkeep_table(upkeep))
+    print()
+    print(f"### Proxy fit: `fit_kpl`, default KPLConfig, dim {args.dim}, {TARGET_CLASSES} classes × "
+          f"{DESCRIPTIONS_PER_CLASS} descriptions")
+    print()
+    print(format_fit_table(timings))
+    if not args.skip_accuracy:
+        print()
+        print("### Accuracy: zeroshot vs kpl on the labelled development images")
+        print()
+        print("\n".join(accuracy_lines))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        progress("interrupted")
+        sys.exit(130)
