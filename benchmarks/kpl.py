@@ -17,7 +17,7 @@ grows, and zeroshot vs kpl accuracy on the labelled images in ../shared/data.
 
 Prints Markdown tables. Run from the repository root:
 
-    .venv/bin/python benchmarks/kpl.py                                   # ~4 min on 2 CPU cores
+    .venv/bin/python benchmarks/kpl.py                                   # ~2 min on 2 CPU cores
     .venv/bin/python benchmarks/kpl.py --model-name hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224
     .venv/bin/python benchmarks/kpl.py --sizes 1k,10k --pool-sizes 1k --skip-accuracy   # quick look
 """
@@ -144,7 +144,7 @@ def measure_operation(name: str, descriptions: int, queries: np.ndarray,
         call_ms += [] if one_call_per_image else per_call
     batches = [queries[i:i + BATCH_QUERIES] for i in range(0, len(queries) - BATCH_QUERIES + 1, BATCH_QUERIES)]
     batch_image_ms = []
-    for round_ in range(max(1, math.ceil(MIN_BATCH_SAMPLES / len(batches)))):
+    for _ in range(max(1, math.ceil(MIN_BATCH_SAMPLES / len(batches)))):
         for batch in batches:
             batch_image_ms.append(time_calls(calls_for(batch))[0] / len(batch))
     return Latency(name, descriptions, single_queries, image_ms, call_ms, batch_image_ms)
@@ -242,11 +242,11 @@ def benchmark_fit(pool_size: int, dim: int, balancing: str, max_seconds: float, 
     full = KPLConfig(balancing=balancing)
     setup_seconds, _ = timed_fit(images, descriptions, dataclasses.replace(full, proxy_iters=0))
     iterations = min(CALIBRATION_ITERS, full.proxy_iters)
-    while True:
+    while True:   # 20, then up to 8x more per run: a misjudged run overshoots the budget by little
         seconds, fit = timed_fit(images, descriptions, dataclasses.replace(full, proxy_iters=iterations))
         per_iter = max(seconds - setup_seconds, 1e-9) / iterations
         affordable = int((max_seconds / 2 - setup_seconds) / per_iter)
-        following = min(full.proxy_iters, max(2 * iterations, affordable))
+        following = min(full.proxy_iters, 8 * iterations, max(2 * iterations, affordable))
         if iterations == full.proxy_iters:
             break
         if following > affordable:
@@ -357,7 +357,8 @@ def benchmark_accuracy(args: argparse.Namespace, work_dir: Path) -> tuple[str, s
                 y_pred = run().probabilities.argmax(dim=1).numpy()
                 seconds = time.perf_counter() - started
                 scores.append(MethodScore(dataset, label_set, len(y_true), len(set(y_true.tolist())), method_name,
-                                          float((y_pred == y_true).mean()), balanced_accuracy(y_true, y_pred, n_classes),
+                                          float((y_pred == y_true).mean()),
+                                          balanced_accuracy(y_true, y_pred, n_classes),
                                           macro_f1(y_true, y_pred, n_classes), seconds))
         return encoder.model_id, str(encoder.device), encoder.has_pretrained_weights, notes, scores
     finally:
@@ -488,7 +489,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-fit-seconds", type=float, default=30.0,
                         help="a fit estimated to take more than half of this is timed over fewer proxy iterations "
                              "and extrapolated")
-    parser.add_argument("--threads", type=int, help="torch and FAISS threads (default: theirs)")
+    parser.add_argument("--threads", type=int, help="torch and FAISS threads; None keeps theirs (one per core)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-accuracy", action="store_true", help="no model, no images: sections 1 and 2 only")
     parser.add_argument("--model-name", default=DEMO_MODEL_NAME, help="open_clip model id (MEDZERO_MODEL_NAME)")
@@ -529,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
                                      desc="proxy fits", unit="fit"):
         timings.append(benchmark_fit(pool_size, args.dim, balancing, args.max_fit_seconds, args.seed))
 
-    model_line, accuracy_lines = f"model: not loaded (--skip-accuracy)", []
+    model_line, accuracy_lines = "model: not loaded (--skip-accuracy)", []
     if not args.skip_accuracy and not args.data_root.is_dir():
         accuracy_lines = [f"Accuracy: skipped, no {args.data_root} on this machine (see ../shared/data/README.md)."]
         model_line = "model: not loaded (no labelled images)"
@@ -540,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         model_line = (f"model `{model_id}` on {device} "
                       f"({'pretrained weights' if pretrained else 'RANDOM INIT, no pretrained weights'})")
         if pretrained:
-            caveat = (f"With `{model_id}` (pretrained weights) this is the real comparison on the development split.")
+            caveat = f"With `{model_id}` (pretrained weights) this is the real comparison on the development split."
         else:
             caveat = (f"**`{model_id}` is randomly initialised: these numbers are CHANCE LEVEL and only show that the "
                       "pipeline runs end to end. Run with real weights (--model-name hf-hub:... or --pretrained "

@@ -80,8 +80,8 @@ class DescriptionIndex:
         self.corpus_hash = ""
         self.built_at = 0.0
         self._next_id = 0
-        # per (label set, class): (ids, vectors); rebuilt after a change. Restricted searches run on these
-        # small matrices (faiss.knn / knn_gpu), so their cost does not grow with the size of the whole index.
+        # per (label set, class): (ids, vectors), kept in step with every add and remove. Restricted searches
+        # run on these small matrices (faiss.knn / knn_gpu), so their cost does not grow with the whole index.
         self._by_class: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
 
     @property
@@ -94,10 +94,11 @@ class DescriptionIndex:
         if len(items):
             ids = np.arange(self._next_id, self._next_id + len(items), dtype=np.int64)
             self._next_id += len(items)
-            self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
+            vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+            self.index.add_with_ids(vectors, ids)
             self.items.update(zip(ids.tolist(), items))
+            self._add_to_class_table(ids, vectors)
         self.group_hashes[name] = digest
-        self._by_class.clear()
 
     def remove_group(self, name: str) -> None:
         doomed = np.array([i for i, item in self.items.items() if item.label_set == name], dtype=np.int64)
@@ -106,27 +107,25 @@ class DescriptionIndex:
             for i in doomed.tolist():
                 del self.items[i]
         self.group_hashes.pop(name, None)
-        self._by_class.clear()
+        self._by_class = {key: value for key, value in self._by_class.items() if key[0] != name}
+
+    def _add_to_class_table(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        rows: dict[tuple[str, str], list[int]] = {}
+        for row, item_id in enumerate(ids.tolist()):
+            item = self.items[item_id]
+            rows.setdefault((item.label_set, item.class_name), []).append(row)
+        for key, selected in rows.items():
+            old_ids, old_vectors = self._by_class.get(key, (np.empty(0, np.int64), np.empty((0, self.dim), np.float32)))
+            self._by_class[key] = (np.concatenate([old_ids, ids[selected]]),
+                                   np.concatenate([old_vectors, vectors[selected]]))
 
     # -- reading
-    def _class_table(self) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
-        if not self._by_class and self.count:
-            inner = faiss.downcast_index(self.index.index)
-            all_vectors = inner.reconstruct_n(0, inner.ntotal)
-            all_ids = faiss.vector_to_array(self.index.id_map)
-            positions: dict[tuple[str, str], list[int]] = {}
-            for position, item_id in enumerate(all_ids.tolist()):
-                item = self.items[item_id]
-                positions.setdefault((item.label_set, item.class_name), []).append(position)
-            self._by_class = {key: (all_ids[rows], all_vectors[rows]) for key, rows in positions.items()}
-        return self._by_class
-
     def class_ids(self, label_set: str, class_name: str) -> np.ndarray:
-        return self._class_table().get((label_set, class_name), (np.empty(0, np.int64), None))[0]
+        return self._by_class.get((label_set, class_name), (np.empty(0, np.int64), None))[0]
 
     def class_vectors(self, label_set: str, class_name: str) -> tuple[np.ndarray, list[DescriptionItem]]:
         """One class's (m, dim) description vectors and their entries."""
-        ids, vectors = self._class_table().get((label_set, class_name), (np.empty(0, np.int64), None))
+        ids, vectors = self._by_class.get((label_set, class_name), (np.empty(0, np.int64), None))
         if vectors is None:
             return np.empty((0, self.dim), np.float32), []
         return vectors, [self.items[int(i)] for i in ids]
@@ -134,7 +133,7 @@ class DescriptionIndex:
     def search_class(self, queries: np.ndarray, label_set: str, class_name: str,
                      k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k descriptions of one class for each query: (similarities (n, k'), ids (n, k')), k' <= k."""
-        ids, vectors = self._class_table().get((label_set, class_name), (np.empty(0, np.int64), None))
+        ids, vectors = self._by_class.get((label_set, class_name), (np.empty(0, np.int64), None))
         k = min(k, len(ids))
         if k == 0:
             return np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
@@ -148,7 +147,7 @@ class DescriptionIndex:
 
     def retrieve(self, queries: np.ndarray, label_set: str, class_name: str, k: int) -> list[list[Retrieved]]:
         similarities, found = self.search_class(queries, label_set, class_name, k)
-        ids, vectors = self._class_table().get((label_set, class_name), (np.empty(0, np.int64), None))
+        ids, vectors = self._by_class.get((label_set, class_name), (np.empty(0, np.int64), None))
         row_of = {int(i): row for row, i in enumerate(ids)}
         return [[Retrieved(self.items[int(i)].text, self.items[int(i)].source, float(s), vectors[row_of[int(i)]])
                  for s, i in zip(row_s, row_i) if i >= 0] for row_s, row_i in zip(similarities, found)]
@@ -191,6 +190,9 @@ class DescriptionIndex:
         loaded.corpus_hash = manifest["corpus_hash"]
         loaded.built_at = manifest["built_at"]
         loaded._next_id = manifest["next_id"]
+        if loaded.count:   # the per-class table, once, here rather than in the first request
+            inner = faiss.downcast_index(loaded.index.index)
+            loaded._add_to_class_table(faiss.vector_to_array(loaded.index.id_map), inner.reconstruct_n(0, inner.ntotal))
         if loaded.count != len(loaded.items) or manifest["prompt"] != DESCRIPTION_PROMPT:
             raise ValueError(f"{directory}: index and items disagree, or the prompt form changed")
         return loaded
