@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--label-set", required=True)
     fit.add_argument("--images", required=True, type=Path, help="folder of images (searched recursively)")
     fit.add_argument("--kpl-balancing", choices=["reference", "sinkhorn"], help="MEDZERO_KPL_BALANCING")
-    fit.add_argument("--class-prior", type=parse_class_prior, metavar="CLASS=WEIGHT,...",
+    fit.add_argument("--class-prior", type=class_prior_argument, metavar="CLASS=WEIGHT,...",
                      help="expected class shares for the balancing, e.g. normal=0.7,pneumonia=0.3 (default uniform)")
     fit.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_model_arguments(fit)
@@ -99,11 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def parse_class_prior(text: str) -> dict[str, float]:
+def class_prior_argument(text: str) -> dict[str, float]:
+    from app.methods.kpl import parse_class_prior
     try:
-        return {name.strip(): float(weight) for name, weight in (pair.split("=") for pair in text.split(","))}
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected CLASS=WEIGHT,... (e.g. normal=0.7,pneumonia=0.3), got {text!r}")
+        return parse_class_prior(text)
+    except MedzeroError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def render_fit(report) -> str:

@@ -139,7 +139,8 @@ class Runtime:
         self._core, self._batcher, self._classifier = core, batcher, classifier
         self._kpl_fits = KPLFitService(classifier, core.kpl, pool_root=settings.kpl_pool_root,
                                        max_pool_images=settings.kpl_max_pool_images,
-                                       max_upload_bytes=settings.max_upload_bytes)
+                                       max_upload_bytes=settings.max_upload_bytes,
+                                       chunk_images=max(1, min(256, settings.max_queue_images // 2)))
         load_seconds = time.perf_counter() - started
         metrics.MODEL_LOAD_SECONDS.set(load_seconds)
         metrics.MODEL.info({"model_id": core.encoder.model_id, "device": str(core.encoder.device),

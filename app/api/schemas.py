@@ -36,7 +36,8 @@ class LabelSetsPublic(BaseModel):
 
 class EvidenceDescription(BaseModel):
     text: str
-    source: str = Field(description="curated, llm:<model>, or label_set (from the label set's own definition)")
+    source: str = Field(description="curated, llm:<model>, label_set (from the label set's own definition), "
+                                    "or prompts (a class without descriptions stands for itself)")
     similarity: float = Field(description="Cosine similarity between this image and the description.")
 
 

@@ -12,7 +12,7 @@ from app.errors import InvalidInput, MedzeroError
 from app.imaging.decode import decode_image
 from app.methods.kpl import prior_vector
 from app.runtime import load_core
-from app.services.kpl_fits import POOL_SUFFIXES
+from app.services.kpl_fits import POOL_SUFFIXES, image_files
 from app.settings import Settings
 from app.storage.db import create_db_engine
 from app.storage.kpl_fits import KPLFitRepository, StoredFit
@@ -30,7 +30,7 @@ class FitJobReport:
 
 def main(settings: Settings, label_set: str, images_dir: Path, *, progress: bool = True,
          class_prior: dict[str, float] | None = None) -> FitJobReport:
-    paths = sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in POOL_SUFFIXES and p.is_file())
+    paths = image_files(images_dir)
     if not paths:
         raise InvalidInput(f"no images ({', '.join(sorted(POOL_SUFFIXES))}) under {images_dir}")
     settings.data_dir.mkdir(parents=True, exist_ok=True)

@@ -168,9 +168,9 @@ class DescriptionIndex:
                     handle.write(json.dumps({"id": i, **asdict(item)}, ensure_ascii=False) + "\n")
             (staging / "manifest.json").write_text(json.dumps({**self.manifest(), "next_id": self._next_id},
                                                               indent=2))
-            retired = directory.with_name(f".{directory.name}.old")
+            retired = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old."))
             if directory.exists():
-                os.replace(directory, retired)
+                os.replace(directory, retired / "index")
             os.replace(staging, directory)
             shutil.rmtree(retired, ignore_errors=True)
         finally:

@@ -1,7 +1,9 @@
 """KnowledgeBase: the corpus plus the loaded model's description index, kept in line with the label sets.
 
 The server holds one; `medzero kb build` uses the same code to rebuild from scratch. Reads and writes of the
-index go through one lock: FAISS searches may run concurrently, but not alongside an add or a remove.
+index go through one lock (an add or a remove must not run under a search). A label-set write updates its
+group here after the store committed it; should that fail, the store stays the truth and the next start-up
+re-syncs the index.
 """
 import logging
 import threading
@@ -50,8 +52,12 @@ class KnowledgeBase:
             return changed
 
     def put_label_set(self, spec: LabelSetSpec) -> bool:
-        """A label set was registered or updated: re-embed its group if its descriptions changed."""
+        """A label set was registered or updated: re-embed its group if its descriptions changed. A version
+        older than the one held (two updates finishing out of order) is ignored."""
         with self._lock:
+            held = self._label_sets.get(spec.name)
+            if getattr(held, "version", 0) > getattr(spec, "version", 0):
+                return False
             self._label_sets[spec.name] = spec
             return self._resync()
 
@@ -61,11 +67,15 @@ class KnowledgeBase:
             return self._resync()
 
     def _resync(self) -> bool:
-        self._index, changed = sync_index(
-            self._index, model_id=self.model_id, dim=self.dim, groups=self._groups(),
-            corpus_hash=corpus_hash(self._corpora), encode_texts=self._encode_texts)
-        if changed:
-            self._index.save(self.directory)
+        try:
+            self._index, changed = sync_index(
+                self._index, model_id=self.model_id, dim=self.dim, groups=self._groups(),
+                corpus_hash=corpus_hash(self._corpora), encode_texts=self._encode_texts)
+            if changed:
+                self._index.save(self.directory)
+        except (OSError, RuntimeError) as exc:   # disk full, a faiss error: the store already holds the write
+            log.error("description index not updated (%s); it re-syncs at the next start", exc)
+            return False
         return bool(changed)
 
     def _load_saved(self) -> DescriptionIndex | None:
@@ -90,10 +100,6 @@ class KnowledgeBase:
     def manifest(self) -> dict:
         with self._lock:
             return self._index.manifest() if self._index else {}
-
-    def has_descriptions(self, label_set: str, class_name: str) -> bool:
-        with self._lock:
-            return self._index is not None and len(self._index.class_ids(label_set, class_name)) > 0
 
     def retrieve(self, image_features: np.ndarray, label_set: str, class_name: str, k: int) -> list[list[Retrieved]]:
         """Per image, the k descriptions of one class that fit it best (FAISS, restricted to that class)."""

@@ -19,11 +19,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field, TypeAdapter, ValidationError
 
 from app.errors import InvalidInput
 from app.knowledge.index import DescriptionItem
@@ -188,12 +189,27 @@ def fit_kpl(image_features: torch.Tensor, class_descriptions: Sequence[torch.Ten
 # ---------------------------------------------------------------------------------------------------------------
 # The service's `kpl` method: the cores above, fed from the knowledge base and the stored fits.
 
+ClassPrior = TypeAdapter(dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)]])
+
+
+def parse_class_prior(text: str) -> dict[str, float]:
+    """'{"normal": 0.7, "pneumonia": 0.3}' or 'normal=0.7,pneumonia=0.3' -> {class: positive weight}."""
+    try:
+        if text.lstrip().startswith("{"):
+            return ClassPrior.validate_json(text)
+        pairs = [pair.split("=", 1) for pair in text.split(",")]
+        return ClassPrior.validate_python({name.strip(): float(weight) for name, weight in pairs})
+    except (ValidationError, ValueError) as exc:
+        raise InvalidInput(f"class_prior must map each class to a positive weight, as JSON "
+                           f'({{"normal": 0.7, ...}}) or normal=0.7,...; got {text[:100]!r}') from exc
+
+
 def prior_vector(head: ClassHead, class_prior: dict[str, float] | None) -> torch.Tensor | None:
-    """A {class: weight} prior as a tensor in the head's class order; every class named, weights positive."""
+    """A {class: weight} prior as a tensor in the head's class order; every class must be named."""
     if class_prior is None:
         return None
     missing, unknown = set(head.class_names) - set(class_prior), set(class_prior) - set(head.class_names)
-    if missing or unknown or any(not (w > 0 and math.isfinite(w)) for w in class_prior.values()):
+    if missing or unknown:
         raise InvalidInput(f"class_prior needs a positive weight for each class of {head.label_set} "
                            f"({', '.join(head.class_names)}); missing: {sorted(missing)}, unknown: {sorted(unknown)}")
     return torch.tensor([float(class_prior[name]) for name in head.class_names], dtype=torch.float64)
@@ -215,7 +231,9 @@ class KPL:
 
     def score(self, image_features: torch.Tensor, head: ClassHead, *, logit_scale: float,
               transductive: bool = False) -> Scores:
-        if transductive and len(image_features) >= 2:
+        if transductive:
+            if len(image_features) < 2:
+                raise InvalidInput(f"a transductive batch needs at least 2 usable images; got {len(image_features)}")
             fit = self.fit(image_features, head)
             return self._score_with_fit(image_features, head, fit, proxy="transductive")
         stored = self.current_fit(head)
@@ -224,15 +242,18 @@ class KPL:
         return self._score_per_image(image_features, head, logit_scale)
 
     def current_fit(self, head: ClassHead) -> StoredFit | None:
+        """The stored fit for this label-set version and model. The cache is checked against the fit's
+        (version, creation time): versions restart at 1 after a delete, creation times do not repeat."""
         key = (head.label_set, head.version, head.model_id)
-        latest = self.fits.current_version(*key)
-        if latest is None:
+        stamp = self.fits.current_stamp(*key)
+        if stamp is None:
             self._cached.pop(key, None)
             return None
         cached = self._cached.get(key)
-        if cached is None or cached.fit_version != latest:
+        if cached is None or (cached.fit_version, cached.created_at) != stamp:
             cached = self.fits.current(*key)
-            self._cached[key] = cached
+            if cached is not None:
+                self._cached[key] = cached
         return cached
 
     def fit(self, image_features: torch.Tensor, head: ClassHead,

@@ -2,7 +2,8 @@
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import (JSON, Boolean, DateTime, ForeignKey, Integer, LargeBinary, String, create_engine, event)
+from sqlalchemy import (JSON, Boolean, DateTime, ForeignKey, Integer, LargeBinary, String, UniqueConstraint, create_engine,
+                        event)
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -45,6 +46,7 @@ class ClassEmbeddingRow(Base):
 class KPLFitRow(Base):
     """One KPL fit of a label-set version under one model: text proxies T, vision proxies W, and evidence."""
     __tablename__ = "kpl_fits"
+    __table_args__ = (UniqueConstraint("label_set_id", "model_id", "fit_version"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     label_set_id: Mapped[int] = mapped_column(ForeignKey("label_sets.id", ondelete="CASCADE"), index=True)

@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 import numpy as np
 from sqlalchemy import delete, func, select
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
 from app.errors import LabelSetNotFound
@@ -41,7 +42,14 @@ class KPLFitRepository:
         self._sessions = sessionmaker(engine, expire_on_commit=False)
 
     def add(self, fit: StoredFit) -> StoredFit:
-        """Store a new fit; its fit_version is one more than the last for this label set and model."""
+        """Store a new fit; its fit_version is one more than the last for this label set and model (a concurrent
+        fit that took the same number makes the unique constraint fail; one retry takes the next)."""
+        try:
+            return self._add(fit)
+        except IntegrityError:
+            return self._add(fit)
+
+    def _add(self, fit: StoredFit) -> StoredFit:
         with self._sessions.begin() as session:
             label_set = session.scalar(select(LabelSetRow).where(LabelSetRow.name == fit.label_set).with_for_update())
             if label_set is None:
@@ -71,13 +79,15 @@ class KPLFitRepository:
                 .order_by(KPLFitRow.fit_version.desc()).limit(1))
             return _to_fit(row, label_set) if row else None
 
-    def current_version(self, label_set: str, label_set_version: int, model_id: str) -> int | None:
-        """Just the fit_version of the current fit: a cheap check before using a cached one."""
+    def current_stamp(self, label_set: str, label_set_version: int, model_id: str) -> tuple[int, datetime] | None:
+        """(fit_version, created_at) of the current fit: a cheap check before using a cached one."""
         with self._sessions() as session:
-            return session.scalar(
-                select(func.max(KPLFitRow.fit_version)).join(LabelSetRow).where(
+            row = session.execute(
+                select(KPLFitRow.fit_version, KPLFitRow.created_at).join(LabelSetRow).where(
                     LabelSetRow.name == label_set, KPLFitRow.model_id == model_id,
-                    KPLFitRow.label_set_version == label_set_version))
+                    KPLFitRow.label_set_version == label_set_version)
+                .order_by(KPLFitRow.fit_version.desc()).limit(1)).first()
+            return (row.fit_version, _as_utc(row.created_at)) if row else None
 
     def delete(self, label_set: str, model_id: str) -> int:
         """Remove every fit of this label set under this model; returns how many there were."""
@@ -90,6 +100,10 @@ class KPLFitRepository:
             return result.rowcount
 
 
+def _as_utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
 def _pack(array: np.ndarray) -> bytes:
     return np.ascontiguousarray(array, dtype=np.float32).tobytes()
 
@@ -99,7 +113,7 @@ def _to_fit(row: KPLFitRow, label_set: str) -> StoredFit:
     sizes = config.pop("_evidence_sizes")
     vectors = np.frombuffer(row.evidence_vectors, dtype=np.float32).reshape(-1, row.dim)
     split = np.split(vectors, np.cumsum(sizes)[:-1]) if sizes else []
-    created = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=UTC)
+    created = _as_utc(row.created_at)
     return StoredFit(
         label_set=label_set, label_set_version=row.label_set_version, model_id=row.model_id,
         fit_version=row.fit_version,

@@ -158,3 +158,41 @@ def test_class_prior_steers_the_balancing(tmp_path: Path) -> None:
         for bad in ('{"normal": 1}', '{"normal": 1, "pneumonia": 0}', '{"normal": 1, "pneumonia": 1, "x": 1}', "[1]"):
             refused = client.post(f"/labels/{LABEL_SET}/kpl", files=pool(3), data={"class_prior": bad})
             assert refused.status_code == 422 and "class_prior" in refused.json()["error"]["message"]
+
+
+def test_a_refit_after_delete_is_used_not_the_cached_old_one(client: TestClient) -> None:
+    client.post(f"/labels/{LABEL_SET}/kpl", files=pool(12))
+    assert classify_kpl(client, png_bytes())["method_details"]["pool_size"] == 12     # cached now
+    client.delete(f"/labels/{LABEL_SET}/kpl")
+    assert client.post(f"/labels/{LABEL_SET}/kpl", files=pool(5)).json()["fit_version"] == 1   # numbering restarts
+    assert client.get(f"/labels/{LABEL_SET}/kpl").json()["pool_size"] == 5
+    assert classify_kpl(client, png_bytes())["method_details"]["pool_size"] == 5
+
+
+def test_a_recreated_label_set_gets_its_own_fit(client: TestClient) -> None:
+    two = {"name": "x", "modality": "chest-xray", "classes": [{"name": "a"}, {"name": "b"}]}
+    three = {**two, "classes": [{"name": "a"}, {"name": "b"}, {"name": "c"}]}
+    client.post("/labels", json=two)
+    client.post("/labels/x/kpl", files=pool(6))
+    client.post("/classify", data={"label_set": "x", "method": "kpl"}, files={"file": ("x.png", png_bytes())})
+    client.delete("/labels/x")
+    client.post("/labels", json=three)
+    client.post("/labels/x/kpl", files=pool(6))
+    answer = client.post("/classify", data={"label_set": "x", "method": "kpl"}, files={"file": ("x.png", png_bytes())})
+    assert answer.status_code == 200 and len(answer.json()["predictions"]) == 3
+
+
+def test_a_pool_larger_than_the_queue_is_encoded_in_chunks(tmp_path: Path) -> None:
+    with running_app(tiny_settings(tmp_path, max_queue_images=8)) as client:
+        fitted = client.post(f"/labels/{LABEL_SET}/kpl", files=pool(30)).json()
+        assert fitted["pool_size"] == 30 and fitted["skipped"] == []
+
+
+def test_transductive_needs_a_batch_of_usable_images(client: TestClient) -> None:
+    single = client.post("/classify?transductive=true&method=kpl", data={"label_set": LABEL_SET},
+                         files={"file": ("x.png", png_bytes())})
+    assert single.status_code == 422 and "/classify/batch" in single.json()["error"]["message"]
+    one_usable = [("files", ("a.png", png_bytes())), ("files", ("b.png", b"garbage"))]
+    refused = client.post("/classify/batch?method=kpl&transductive=true", data={"label_set": LABEL_SET},
+                          files=one_usable)
+    assert refused.status_code == 422 and "at least 2 usable" in refused.json()["error"]["message"]

@@ -87,3 +87,15 @@ def test_retrieval_is_restricted_to_the_class_and_ranked(encoder, corpus_dir: Pa
     assert [r.similarity for r in found] == sorted((r.similarity for r in found), reverse=True)
     mel_texts = {item.text for item in items}
     assert all(r.text in mel_texts for r in found)                      # no other class leaks in
+
+
+def test_a_leftover_retired_folder_does_not_block_saving(encoder, corpus_dir: Path, tmp_path: Path) -> None:
+    kb = knowledge(encoder, corpus_dir, tmp_path)
+    kb.sync(BUILTIN_LABEL_SETS)
+    stale = kb.directory.with_name(f".{kb.directory.name}.old")      # what an interrupted save used to leave
+    (stale / "index").mkdir(parents=True)
+    (stale / "index" / "junk").write_text("x")
+    spec = LabelSetSpec(name="knee", modality="knee-xray", classes=[{"name": "a", "descriptions": ["osteophytes"]},
+                                                                    {"name": "b"}])
+    assert kb.put_label_set(spec)
+    assert knowledge(encoder, corpus_dir, tmp_path).sync([*BUILTIN_LABEL_SETS, spec]) == []   # saved and current

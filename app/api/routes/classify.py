@@ -46,6 +46,8 @@ async def classify_image(file: Annotated[UploadFile, File(description="PNG, JPEG
                          params: Params, runtime: RuntimeDep) -> ClassifyResult:
     """Classify one image against a registered label set. The type is detected from the content."""
     classifier = runtime.classifier
+    if params.transductive:
+        raise InvalidInput("transductive needs several images: use /classify/batch")
     data = await read_bounded(file, runtime.settings.max_upload_bytes)
     outcome = await classifier.classify(data, label_set=params.label_set, method=params.method, top_k=params.top_k)
     return to_result(outcome)

@@ -1,6 +1,5 @@
 """/labels/{name}/kpl: fit KPL proxies for a label set on a pool of unlabelled images (admin), show, delete.
 /kb: what the description index holds."""
-import json
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile, status
@@ -8,6 +7,7 @@ from fastapi import APIRouter, File, Form, UploadFile, status
 from app.api.deps import AdminDep, RuntimeDep, read_bounded
 from app.api.schemas import BatchItem, ErrorBody, ErrorDetail, EvidenceDescription, KPLFitPublic
 from app.errors import InvalidInput, MedzeroError, PayloadTooLarge
+from app.methods.kpl import parse_class_prior
 from app.services.kpl_fits import FitReport
 from app.storage.kpl_fits import StoredFit
 
@@ -29,7 +29,7 @@ async def fit_kpl(name: str, runtime: RuntimeDep,
     service = runtime.kpl_fits
     if bool(files) == bool(folder):
         raise InvalidInput("send the pool as `files` (multipart) or name a server-side `folder`, not both")
-    prior = parse_class_prior(class_prior)
+    prior = parse_class_prior(class_prior) if class_prior else None
     if folder:
         return to_public(await service.fit_folder(name, folder, class_prior=prior))
     payloads, too_large = [], []
@@ -59,18 +59,6 @@ def knowledge_base_status(runtime: RuntimeDep) -> dict:
     """The description index of the loaded model: model id, corpus hash, count, dimension, build time."""
     manifest = runtime.knowledge.manifest
     return {key: manifest.get(key) for key in ("model_id", "corpus_hash", "count", "dim", "built_at", "prompt")}
-
-
-def parse_class_prior(text: str | None) -> dict[str, float] | None:
-    if not text:
-        return None
-    try:
-        prior = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(f"class_prior is not JSON: {exc.msg}") from exc
-    if not isinstance(prior, dict) or not all(isinstance(v, int | float) for v in prior.values()):
-        raise InvalidInput('class_prior must be a JSON object of class -> weight, e.g. {"normal": 0.7, ...}')
-    return {str(k): float(v) for k, v in prior.items()}
 
 
 def to_public(report: FitReport) -> KPLFitPublic:
