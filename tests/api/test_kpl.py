@@ -1,10 +1,13 @@
 """method=kpl over HTTP: per-image evidence, fitting a pool, classify with the fit, transductive batches."""
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from app.settings import BUNDLED_KNOWLEDGE_BASE_DIR
 from tests.conftest import running_app, tiny_settings
 from tests.factories import png_bytes
 
@@ -196,3 +199,28 @@ def test_transductive_needs_a_batch_of_usable_images(client: TestClient) -> None
     refused = client.post("/classify/batch?method=kpl&transductive=true", data={"label_set": LABEL_SET},
                           files=one_usable)
     assert refused.status_code == 422 and "at least 2 usable" in refused.json()["error"]["message"]
+
+
+def test_server_restart_loads_the_index_and_a_corpus_change_rebuilds_it(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    shutil.copytree(BUNDLED_KNOWLEDGE_BASE_DIR, corpus)
+    settings = tiny_settings(tmp_path / "data", knowledge_base_dir=corpus)
+    with running_app(settings) as client:
+        first = client.get("/kb").json()
+    with running_app(settings) as client:
+        assert client.get("/kb").json() == first                     # loaded as saved, not rebuilt
+    body = json.loads((corpus / "ham10000.json").read_text())
+    body["classes"]["mel"].append({"text": "atypical pigment network with abrupt edge cut-off", "source": "curated"})
+    (corpus / "ham10000.json").write_text(json.dumps(body))
+    with running_app(settings) as client:
+        changed = client.get("/kb").json()
+        assert changed["count"] == first["count"] + 1 and changed["built_at"] > first["built_at"]
+        assert changed["corpus_hash"] != first["corpus_hash"]
+        answer = client.post("/classify", data={"label_set": "ham10000", "method": "kpl", "top_k": 7},
+                             files={"file": ("x.png", png_bytes())}).json()
+        mel = next(p for p in answer["predictions"] if p["label"] == "mel")
+        assert len(mel["evidence"]["descriptions"]) == 8
+    (corpus / "ham10000.json").write_text("{broken")
+    with running_app(settings) as client:                          # a malformed corpus: a clear start-up failure
+        detail = client.get("/readyz").json()["detail"]
+        assert "ham10000.json" in detail and "not JSON" in detail
