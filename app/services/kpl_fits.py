@@ -12,7 +12,7 @@ from app import metrics
 from app.errors import InvalidInput, KPLFitNotFound, MedzeroError, Overloaded, PayloadTooLarge
 from app.methods.base import ClassHead
 from app.methods.kpl import KPL, prior_vector
-from app.services.classify import Classifier, Encoded
+from app.services.classify import Classifier
 from app.storage.kpl_fits import StoredFit
 
 POOL_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom"}

@@ -6,7 +6,7 @@ from fastapi import APIRouter, File, Form, UploadFile, status
 
 from app.api.deps import AdminDep, RuntimeDep, read_bounded
 from app.api.schemas import BatchItem, ErrorBody, ErrorDetail, EvidenceDescription, KPLFitPublic
-from app.errors import InvalidInput, MedzeroError, PayloadTooLarge
+from app.errors import InvalidInput, PayloadTooLarge
 from app.methods.kpl import parse_class_prior
 from app.services.kpl_fits import FitReport
 from app.storage.kpl_fits import StoredFit
