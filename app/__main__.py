@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def class_prior_argument(text: str) -> dict[str, float]:
-    from app.methods.kpl import parse_class_prior
+    from app.api.schemas import parse_class_prior
     try:
         return parse_class_prior(text)
     except MedzeroError as exc:
@@ -109,13 +109,14 @@ def class_prior_argument(text: str) -> dict[str, float]:
 
 def render_fit(report) -> str:
     fit = report.fit
-    lines = [f"KPL fit v{fit.fit_version} of {fit.label_set} v{fit.label_set_version} under {fit.model_id}: "
+    lines = [f"KPL fit v{fit.version} of {fit.label_set} v{fit.label_set_version} under {fit.model_id}: "
              f"{fit.pool_size} images, {fit.fit_seconds:.1f} s, balancing={fit.config.get('balancing')}",
              "pseudo-label balance: " + ", ".join(f"{k} {v:.0%}" for k, v in fit.class_balance.items())]
-    for class_name, entries in zip(fit.class_balance, fit.evidence):
+    for class_name, entries in zip(fit.class_names, fit.evidence):
         lines.append(f"  {class_name}: " + "; ".join(e.text for e in entries[:3]))
     if report.skipped:
-        lines.append(f"skipped {len(report.skipped)} files: " + ", ".join(f"{p} ({c})" for p, c in report.skipped[:5]))
+        lines.append(f"skipped {len(report.skipped)} files: "
+                     + ", ".join(f"{name} ({error.code})" for name, error in report.skipped[:5]))
     return "\n".join(lines)
 
 

@@ -40,6 +40,20 @@ DEFAULT_TEMPLATES: dict[str, tuple[str, ...]] = {
 }
 GENERIC_TEMPLATES: tuple[str, ...] = ("a medical image showing {}.", "an image of {}.")
 
+# How a reader of each modality names the image, in words: the description index's prompts ("a chest X-ray of
+# pneumonia, which has ...") and the LLM's prompt for new descriptions both say it this way.
+MODALITY_NOUNS: dict[str, str] = {
+    "chest-xray": "chest X-ray",
+    "dermoscopy": "dermoscopy image",
+    "fundus": "color fundus photograph",
+    "breast-ultrasound": "breast ultrasound image",
+}
+
+
+def modality_noun(modality: str) -> str:
+    """The modality as a noun phrase for the image ("knee-xray" -> "knee xray image" when it has no entry)."""
+    return MODALITY_NOUNS.get(modality, f"{modality.replace('-', ' ')} image")
+
 
 class LabelClass(BaseModel):
     """One class of a label set. `name` is what predictions return; the rest feeds the text encoder."""

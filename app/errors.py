@@ -15,10 +15,14 @@ MedzeroError
  ├── InvalidInput (422)
  │    ├── InvalidImage             empty, truncated, or not an image at all
  │    ├── UnsupportedDicom         no pixel data, multi-frame, unknown photometric interpretation
+ │    ├── ExtremeAspectRatio       one side far longer than the other (the model's resize would explode it)
  │    ├── UnknownMethod
- │    └── InvalidLabelSet
- ├── Overloaded (503, Retry-After)
- ├── NotReady (503, Retry-After)
+ │    ├── InvalidLabelSet          also: a label set whose prompts cost more text encodings than allowed
+ │    └── UnusableBatch            a transductive batch with files that cannot be used (all or nothing)
+ ├── Overloaded (503, Retry-After) no permits left for the request's images, or too many batch bodies
+ ├── NotReady (503, Retry-After)  loading, stopping, or the encoder's batching task died
+ ├── EncoderTimeout (503, Retry-After)  a forward did not answer within MEDZERO_ENCODE_TIMEOUT_SECONDS
+ ├── StoreBusy (503, Retry-After) the database stayed locked by another writer past its busy timeout
  ├── ModelLoadError (500)         raised at start-up; the CLI prints it and exits
  ├── LLMUnavailable (502)         the LLM endpoint is down, refused, or gave no completion
  └── InvalidCorpus (500)          a knowledge_base file that does not match the schema (names file and entry)
@@ -94,12 +98,20 @@ class UnsupportedDicom(InvalidInput):
     code = "unsupported_dicom"
 
 
+class ExtremeAspectRatio(InvalidInput):
+    code = "extreme_aspect_ratio"
+
+
 class UnknownMethod(InvalidInput):
     code = "unknown_method"
 
 
 class InvalidLabelSet(InvalidInput):
     code = "invalid_label_set"
+
+
+class UnusableBatch(InvalidInput):
+    code = "unusable_batch"
 
 
 class Overloaded(MedzeroError):
@@ -110,6 +122,16 @@ class Overloaded(MedzeroError):
 class NotReady(MedzeroError):
     status_code, code = 503, "not_ready"
     retry_after_seconds = 5
+
+
+class EncoderTimeout(MedzeroError):
+    status_code, code = 503, "encoder_timeout"
+    retry_after_seconds = 5
+
+
+class StoreBusy(MedzeroError):
+    status_code, code = 503, "store_busy"
+    retry_after_seconds = 1
 
 
 class ModelLoadError(MedzeroError):

@@ -1,4 +1,9 @@
-"""create_app(settings): the FastAPI app — lifespan builds the Runtime, routers, middleware, the one error mapping."""
+"""create_app(settings): the FastAPI app — lifespan builds the Runtime, routers, middleware, the one error mapping.
+
+Every refusal is counted once, in medzero_errors_total{code}: the response's error code is recorded on the ASGI
+scope by whoever writes it (an error handler, or a middleware that replaces the app's answer) and counted when the
+request ends, so a body refused mid-parse counts as payload_too_large only, not also as the parser's 400.
+"""
 import logging
 import re
 import time
@@ -13,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import metrics
 from app.api.routes import classify, health, kpl, labels
-from app.errors import MedzeroError, PayloadTooLarge
+from app.errors import MedzeroError, Overloaded, PayloadTooLarge
 from app.runtime import Runtime
 from app.settings import Settings
 
@@ -21,6 +26,7 @@ log = logging.getLogger(__name__)
 KPL_FIT_PATH = re.compile(r"^/labels/[^/]+/kpl/?$")
 SMALL_BODY_BYTES = 1 << 20            # JSON bodies (/labels); uploads have their own limits
 MULTIPART_OVERHEAD_BYTES = 64 << 10   # boundaries, part headers and form fields around one file
+ERROR_CODE = "medzero.error_code"     # scope key: the error code of the response sent, counted once
 
 
 def create_app(settings: Settings, *, on_startup_failure: Callable[[MedzeroError], None] | None = None) -> FastAPI:
@@ -45,41 +51,54 @@ def create_app(settings: Settings, *, on_startup_failure: Callable[[MedzeroError
     app.add_exception_handler(HTTPException, http_error_response)
     app.add_exception_handler(Exception, unexpected_error_response)
     app.add_middleware(BodySizeLimit, limit_for_path=lambda path: body_limit(settings, path))
+    app.add_middleware(BatchBodyAdmission)
     app.add_middleware(RequestMetrics)
     return app
 
 
 def body_limit(settings: Settings, path: str) -> int:
-    if path.rstrip("/") == "/classify/batch" or KPL_FIT_PATH.match(path):
+    if is_batch_body(path):
         return settings.max_batch_request_bytes
     if path.rstrip("/") == "/classify":
         return settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
     return SMALL_BODY_BYTES
 
 
-def error_response(status_code: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    metrics.ERRORS.labels(code=code).inc()
+def is_batch_body(path: str) -> bool:
+    return path.rstrip("/") == "/classify/batch" or bool(KPL_FIT_PATH.match(path))
+
+
+def error_response(scope: Scope, status_code: int, code: str, message: str,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    scope[ERROR_CODE] = code
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status_code, headers=headers)
 
 
+def medzero_error_response_for(scope: Scope, exc: MedzeroError, headers: dict[str, str] | None = None) -> JSONResponse:
+    retry = {"Retry-After": str(exc.retry_after_seconds)} if exc.retry_after_seconds else {}
+    return error_response(scope, exc.status_code, exc.code, str(exc), {**retry, **(headers or {})} or None)
+
+
 async def medzero_error_response(request: Request, exc: MedzeroError) -> JSONResponse:
-    headers = {"Retry-After": str(exc.retry_after_seconds)} if exc.retry_after_seconds else None
-    return error_response(exc.status_code, exc.code, str(exc), headers)
+    return medzero_error_response_for(request.scope, exc)
 
 
 async def validation_error_response(request: Request, exc: RequestValidationError) -> JSONResponse:
     problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
-    return error_response(422, "validation_error", problems or "invalid request")
+    return error_response(request.scope, 422, "validation_error", problems or "invalid request")
 
 
 async def http_error_response(request: Request, exc: HTTPException) -> JSONResponse:
     code = {404: "route_not_found", 405: "method_not_allowed"}.get(exc.status_code, f"http_{exc.status_code}")
-    return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+    return error_response(request.scope, exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
 
 
 async def unexpected_error_response(request: Request, exc: Exception) -> JSONResponse:
+    # runs outside RequestMetrics (Starlette's ServerErrorMiddleware), so it counts for itself
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error_response(500, "internal", "internal server error; the server log has the details")
+    metrics.ERRORS.labels(code="internal").inc()
+    return JSONResponse({"error": {"code": "internal", "message": "internal server error; the server log has "
+                                                                  "the details"}}, status_code=500)
 
 
 class BodySizeLimit:
@@ -96,7 +115,7 @@ class BodySizeLimit:
         limit = self.limit_for_path(scope["path"])
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await self._refuse(send, limit)
+            return await self._refuse(scope, send, limit)
         received, exceeded, started = 0, False, False
 
         async def limited_receive() -> Message:
@@ -113,18 +132,41 @@ class BodySizeLimit:
             nonlocal started
             if exceeded and not started:   # whatever the app made of the aborted body, the answer is 413
                 started = True
-                return await self._refuse(send, limit)
+                return await self._refuse(scope, send, limit)
             if not exceeded:
                 await send(message)
 
         await self.app(scope, limited_receive, guarded_send)
 
     @staticmethod
-    async def _refuse(send: Send, limit: int) -> None:
-        response = error_response(413, PayloadTooLarge.code, f"request body is larger than the {limit} bytes "
-                                  "allowed here (MEDZERO_MAX_UPLOAD_BYTES / MEDZERO_MAX_BATCH_REQUEST_BYTES)",
+    async def _refuse(scope: Scope, send: Send, limit: int) -> None:
+        response = error_response(scope, 413, PayloadTooLarge.code,
+                                  f"request body is larger than the {limit} bytes allowed here "
+                                  "(MEDZERO_MAX_UPLOAD_BYTES / MEDZERO_MAX_BATCH_REQUEST_BYTES)",
                                   {"Connection": "close"})
-        await response({"type": "http"}, _no_receive, send)
+        await response(scope, _no_receive, send)
+
+
+class BatchBodyAdmission:
+    """At most MEDZERO_MAX_CONCURRENT_BATCH_BODIES multi-image bodies (/classify/batch, pool uploads) are read at
+    once; another is refused with 503 + Retry-After before a byte of it is read."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or not is_batch_body(scope["path"]):
+            return await self.app(scope, receive, send)
+        admission = scope["app"].state.runtime.admission
+        if not admission.try_enter_batch_body():
+            refused = Overloaded(f"{admission.max_batch_bodies} multi-image requests are being read already "
+                                 f"(MEDZERO_MAX_CONCURRENT_BATCH_BODIES); retry shortly")
+            response = medzero_error_response_for(scope, refused, {"Connection": "close"})
+            return await response(scope, _no_receive, send)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            admission.leave_batch_body()
 
 
 async def _no_receive() -> Message:
@@ -132,7 +174,8 @@ async def _no_receive() -> Message:
 
 
 class RequestMetrics:
-    """Counts and times every request by route template (never the raw path: names and UIDs stay out)."""
+    """Counts and times every request by route template (never the raw path: names and UIDs stay out), and the
+    error code of every refusal, once."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -149,10 +192,14 @@ class RequestMetrics:
                 status = message["status"]
             await send(message)
 
+        metrics.REQUESTS_IN_PROGRESS.inc()
         try:
             await self.app(scope, receive, recording_send)
         finally:
+            metrics.REQUESTS_IN_PROGRESS.dec()
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "unmatched"
             metrics.REQUESTS.labels(endpoint=endpoint, method=scope["method"], status=str(status)).inc()
             metrics.REQUEST_SECONDS.labels(endpoint=endpoint).observe(time.perf_counter() - started)
+            if code := scope.get(ERROR_CODE):
+                metrics.ERRORS.labels(code=code).inc()

@@ -2,23 +2,28 @@
 from prometheus_client import Counter, Gauge, Histogram, Info
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+OTHER = "other"          # the label value of every label set (and class) outside the closed set
 
 REQUESTS = Counter("medzero_requests_total", "HTTP requests by route template, HTTP method and status.",
                    ["endpoint", "method", "status"])
 REQUEST_SECONDS = Histogram("medzero_request_duration_seconds", "HTTP request latency by route template.",
                             ["endpoint"], buckets=LATENCY_BUCKETS)
-ERRORS = Counter("medzero_errors_total", "Refused requests by MedzeroError code.", ["code"])
+REQUESTS_IN_PROGRESS = Gauge("medzero_requests_in_progress", "HTTP requests being served now.")
+ERRORS = Counter("medzero_errors_total", "Refused requests (and refused files in a batch) by error code.", ["code"])
 STAGE_SECONDS = Histogram("medzero_stage_duration_seconds",
                           "Seconds per stage: decode, queue and score per image; encode per batched forward.",
                           ["stage"], buckets=LATENCY_BUCKETS)
 BATCH_SIZE = Histogram("medzero_encoder_batch_size", "Images per encoder forward.",
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 QUEUE_IMAGES = Gauge("medzero_queue_images", "Images waiting for the encoder.")
+ADMITTED_IMAGES = Gauge("medzero_admitted_images",
+                        "Images holding an admission permit: being read, decoded, queued or encoded.")
 MODEL_LOAD_SECONDS = Gauge("medzero_model_load_seconds", "Seconds the encoder took to load and warm up.")
 MODEL = Info("medzero_model", "Loaded encoder.")
 READY = Gauge("medzero_ready", "1 when the encoder is loaded and warm.")
-PREDICTIONS = Counter("medzero_predictions_total", "Top-1 predictions by label set, label and method.",
-                      ["label_set", "label", "method"])
+PREDICTIONS = Counter("medzero_predictions_total",
+                      "Top-1 predictions by label set, label and method (built-in and allow-listed label sets by "
+                      "name, every other one as 'other').", ["label_set", "label", "method"])
 IMAGES = Counter("medzero_images_total", "Images classified, by input format.", ["format"])
 KPL_FIT_SECONDS = Histogram("medzero_kpl_fit_duration_seconds", "Seconds per KPL proxy fit (server side).",
                             buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))

@@ -1,16 +1,20 @@
-"""Runtime: everything start-up builds once — store, encoder, batcher, label sets, knowledge base, methods,
-classifier.
+"""Runtime: everything start-up builds once -- store, encoder, batcher, label sets, knowledge base, methods and
+their state store, admission, the use cases -- for the server and for the offline jobs alike.
 
-The server builds it in its lifespan and loads the model in the background, so /healthz answers at once and
-/readyz turns ready only after the warm-up forward; jobs call `load_core` (same loader, same stores, same
-knowledge base) and use the encoder directly.
+The server builds it in its lifespan and loads the model in the background (`start_loading`), so /healthz answers
+at once and /readyz turns ready only after the warm-up forward; a job uses `Runtime.for_job(settings)`, which
+loads the same way and waits. Either way all model work (image forwards, text embeddings for label sets and the
+description index) runs on the batcher's one encoder thread.
 """
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Literal
+
+import torch
 
 from app import metrics
 from app.encoders.batcher import Batcher
@@ -20,16 +24,19 @@ from app.knowledge.knowledge_base import KnowledgeBase
 from app.methods.base import Method
 from app.methods.kpl import KPL, KPLConfig
 from app.methods.zero_shot import ZeroShot
-from app.services.classify import Classifier
+from app.services.admission import Admission
+from app.services.builtin_label_sets import BUILTIN_LABEL_SETS
+from app.services.classify import Classifier, ImageLimits, MetricLabelSets
 from app.services.kpl_fits import KPLFitService
 from app.services.label_sets import LabelSetService
 from app.settings import Settings
 from app.storage.db import create_db_engine
-from app.storage.kpl_fits import KPLFitRepository
 from app.storage.label_sets import LabelSetRepository
+from app.storage.method_states import MethodStateRepository
 
 log = logging.getLogger(__name__)
 State = Literal["loading", "ready", "failed", "stopped"]
+IndexSync = Literal["sync", "rebuild", "skip"]   # load the saved description index and catch up; from scratch; not
 
 
 def kpl_config(settings: Settings) -> KPLConfig:
@@ -39,132 +46,178 @@ def kpl_config(settings: Settings) -> KPLConfig:
                      proxy_iters=settings.kpl_proxy_iters)
 
 
-@dataclass
+def metric_label_sets(settings: Settings) -> MetricLabelSets:
+    """Built-in label sets with their own class names, plus the allow-listed ones with all of theirs."""
+    allowed: dict[str, frozenset[str] | None] = {spec.name: frozenset(c.name for c in spec.classes)
+                                                  for spec in BUILTIN_LABEL_SETS}
+    return allowed | {name: None for name in settings.metrics_label_sets}
+
+
+@dataclass(frozen=True)
 class Core:
-    """What both the server and the offline jobs need: the model and what depends on it."""
+    """What loading builds: the model and everything that depends on it."""
     encoder: Encoder
+    batcher: Batcher
     label_sets: LabelSetService
     knowledge: KnowledgeBase
-    kpl: KPL
-
-
-def load_core(settings: Settings, repository: LabelSetRepository, fits: KPLFitRepository, *,
-              progress: bool = False, rebuild_index: bool = False) -> Core:
-    encoder = load_encoder(settings)
-    label_sets = LabelSetService(repository, encoder)
-    label_sets.install_builtins()
-    label_sets.prepare_all()
-    knowledge = KnowledgeBase(corpus_dir=settings.knowledge_base_dir, data_dir=settings.data_dir,
-                              model_id=encoder.model_id, dim=encoder.embed_dim, encode_texts=encoder.encode_texts)
-    changed = knowledge.sync(label_sets.list(), progress=progress, rebuild=rebuild_index)
-    log.info("description index: %d descriptions for %s (%s)", knowledge.manifest.get("count", 0), encoder.model_id,
-             f"re-embedded {', '.join(changed)}" if changed else "loaded as saved")
-    label_sets.knowledge = knowledge
-    return Core(encoder, label_sets, knowledge, KPL(knowledge, fits, kpl_config(settings)))
+    classifier: Classifier
+    kpl_fits: KPLFitService
 
 
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.engine = create_db_engine(settings.resolved_database_url)
+        self.engine = create_db_engine(settings.resolved_database_url, busy_timeout_ms=settings.db_busy_timeout_ms)
         self.repository = LabelSetRepository(self.engine)
-        self.fits = KPLFitRepository(self.engine)
-        self.state: State = "loading"
-        self.failure: str | None = None
+        self.states = MethodStateRepository(self.engine)
+        self.admission = Admission(settings.max_in_flight_images, settings.max_concurrent_batch_bodies)
+        self._state: State = "loading"
+        self._failure: str | None = None
         self._core: Core | None = None
         self._batcher: Batcher | None = None
-        self._classifier: Classifier | None = None
-        self._kpl_fits: KPLFitService | None = None
         self._load_task: asyncio.Task | None = None
 
-    # -- what routes use; each raises NotReady until the model is loaded and warm
+    @classmethod
+    @asynccontextmanager
+    async def for_job(cls, settings: Settings, *, progress: bool = True,
+                      index: IndexSync = "sync") -> AsyncIterator["Runtime"]:
+        """The server's runtime for an offline job: loaded (raising what start-up would report), then stopped."""
+        runtime = cls(settings)
+        try:
+            await runtime.load(progress=progress, index=index)
+            yield runtime
+        finally:
+            await runtime.stop()
+
+    # -- what routes and jobs use; each raises NotReady until the model is loaded and warm
     @property
     def encoder(self) -> Encoder:
-        self._require_ready()
-        return self._core.encoder
+        return self._ready_core().encoder
+
+    @property
+    def batcher(self) -> Batcher:
+        return self._ready_core().batcher
 
     @property
     def label_sets(self) -> LabelSetService:
-        self._require_ready()
-        return self._core.label_sets
+        return self._ready_core().label_sets
 
     @property
     def knowledge(self) -> KnowledgeBase:
-        self._require_ready()
-        return self._core.knowledge
+        return self._ready_core().knowledge
 
     @property
     def classifier(self) -> Classifier:
-        self._require_ready()
-        return self._classifier
+        return self._ready_core().classifier
 
     @property
     def kpl_fits(self) -> KPLFitService:
-        self._require_ready()
-        return self._kpl_fits
+        return self._ready_core().kpl_fits
+
+    @property
+    def state(self) -> State:
+        """ready | loading | failed | stopped; a batching task that died makes a ready server 'failed'."""
+        if self._state == "ready" and self._batcher is not None and self._batcher.failure:
+            return "failed"
+        return self._state
+
+    @property
+    def failure(self) -> str | None:
+        return self._failure or (self._batcher.failure if self._batcher is not None else None)
 
     @property
     def ready(self) -> bool:
         return self.state == "ready"
 
-    def _require_ready(self) -> None:
-        if self.state != "ready":
+    def _ready_core(self) -> Core:
+        if not self.ready:
             detail = f": {self.failure}" if self.failure else "; retry shortly"
             raise NotReady(f"the model is {self.state}{detail}")
+        return self._core
 
     # -- lifecycle
     def start_loading(self, on_failure: Callable[[MedzeroError], None] | None = None) -> None:
         """Load in the background; `on_failure` lets the CLI end the process with the error."""
-        self._load_task = asyncio.get_running_loop().create_task(self._load(on_failure), name="medzero-load")
+        self._load_task = asyncio.get_running_loop().create_task(self._load_reporting(on_failure),
+                                                                 name="medzero-load")
 
-    async def _load(self, on_failure: Callable[[MedzeroError], None] | None) -> None:
+    async def _load_reporting(self, on_failure: Callable[[MedzeroError], None] | None) -> None:
+        try:
+            await self.load(progress=True)
+        except MedzeroError as exc:
+            log.error("cannot start: %s", exc)
+            if on_failure is not None:
+                on_failure(exc)
+
+    async def load(self, *, progress: bool = False, index: IndexSync = "sync") -> None:
+        """Load the encoder, start the batcher, then build what depends on them; MedzeroError when it cannot."""
         started = time.perf_counter()
         try:
-            core = await asyncio.to_thread(load_core, self.settings, self.repository, self.fits, progress=True)
+            encoder = await asyncio.to_thread(load_encoder, self.settings)
+            self._batcher = Batcher(encoder.encode_images, max_batch_size=self.settings.max_batch_size,
+                                    max_wait_seconds=self.settings.max_wait_ms / 1000,
+                                    timeout_seconds=self.settings.encode_timeout_seconds)
+            self._batcher.start()
+            self._core = await asyncio.to_thread(self._build, encoder, self._batcher, progress, index)
         except MedzeroError as exc:
-            self._fail(exc, on_failure)
-            return
+            self._fail(str(exc))
+            raise
         except Exception as exc:   # anything unforeseen still leaves a clear state and one log line
             log.exception("start-up failed")
-            self._fail(MedzeroError(f"start-up failed: {type(exc).__name__}: {exc}"), on_failure)
-            return
-        settings = self.settings
-        batcher = Batcher(core.encoder.encode_images, max_batch_size=settings.max_batch_size,
-                          max_wait_seconds=settings.max_wait_ms / 1000, max_queue_images=settings.max_queue_images)
-        batcher.start()
-        methods: dict[str, Method] = {m.name: m for m in (ZeroShot(), core.kpl)}
-        classifier = Classifier(core.encoder, batcher, core.label_sets, methods,
-                                decode_workers=settings.decode_workers, max_image_pixels=settings.max_image_pixels)
-        self._core, self._batcher, self._classifier = core, batcher, classifier
-        self._kpl_fits = KPLFitService(classifier, core.kpl, pool_root=settings.kpl_pool_root,
-                                       max_pool_images=settings.kpl_max_pool_images,
-                                       max_upload_bytes=settings.max_upload_bytes,
-                                       chunk_images=max(1, min(256, settings.max_queue_images // 2)))
+            self._fail(f"start-up failed: {type(exc).__name__}: {exc}")
+            raise MedzeroError(self._failure) from exc
         load_seconds = time.perf_counter() - started
         metrics.MODEL_LOAD_SECONDS.set(load_seconds)
-        metrics.MODEL.info({"model_id": core.encoder.model_id, "device": str(core.encoder.device),
-                            "precision": settings.precision,
-                            "pretrained_weights": str(core.encoder.has_pretrained_weights).lower()})
+        metrics.MODEL.info({"model_id": encoder.model_id, "device": str(encoder.device),
+                            "precision": self.settings.precision,
+                            "pretrained_weights": str(encoder.has_pretrained_weights).lower()})
         metrics.READY.set(1)
-        self.state = "ready"
-        log.info("ready: %s on %s, %d label sets, %.1f s", core.encoder.model_id, core.encoder.device,
+        self._state = "ready"
+        log.info("ready: %s on %s, %d label sets, %.1f s", encoder.model_id, encoder.device,
                  len(self.repository.list()), load_seconds)
 
-    def _fail(self, exc: MedzeroError, on_failure: Callable[[MedzeroError], None] | None) -> None:
-        self.state, self.failure = "failed", str(exc)
-        log.error("cannot start: %s", exc)
-        if on_failure is not None:
-            on_failure(exc)
+    def _build(self, encoder: Encoder, batcher: Batcher, progress: bool, index: IndexSync) -> Core:
+        settings = self.settings
+
+        def encode_texts(texts: Sequence[str]) -> torch.Tensor:
+            return batcher.run_sync(encoder.encode_texts, texts)
+
+        knowledge = KnowledgeBase(corpus_dir=settings.knowledge_base_dir, data_dir=settings.data_dir,
+                                  model_id=encoder.model_id, dim=encoder.embed_dim, encode_texts=encode_texts)
+        label_sets = LabelSetService(self.repository, encode_texts=encode_texts, model_id=encoder.model_id,
+                                     knowledge=knowledge, max_texts=settings.max_label_set_texts)
+        label_sets.install_builtins()
+        label_sets.prepare_all()
+        if index != "skip":
+            changed = knowledge.sync(label_sets.list(), progress=progress, rebuild=index == "rebuild")
+            log.info("description index: %d descriptions for %s (%s)", knowledge.manifest.get("count", 0),
+                     encoder.model_id, f"re-embedded {', '.join(changed)}" if changed else "loaded as saved")
+        kpl = KPL(knowledge, kpl_config(settings))
+        methods: dict[str, Method] = {m.name: m for m in (ZeroShot(), kpl)}
+        classifier = Classifier(preprocess=encoder.preprocess, logit_scale=encoder.logit_scale, batcher=batcher,
+                                label_sets=label_sets, states=self.states, methods=methods, admission=self.admission,
+                                decode_workers=settings.decode_workers,
+                                limits=ImageLimits(settings.max_image_pixels, settings.max_aspect_ratio),
+                                metric_label_sets=metric_label_sets(settings))
+        kpl_fits = KPLFitService(classifier, kpl, self.states, self.admission, pool_root=settings.kpl_pool_root,
+                                 max_pool_images=settings.kpl_max_pool_images,
+                                 max_upload_bytes=settings.max_upload_bytes,
+                                 chunk_images=max(1, min(256, settings.max_in_flight_images // 2)),
+                                 permit_timeout_seconds=settings.encode_timeout_seconds)
+        return Core(encoder, batcher, label_sets, knowledge, classifier, kpl_fits)
+
+    def _fail(self, reason: str) -> None:
+        self._state, self._failure = "failed", reason
 
     async def stop(self) -> None:
         metrics.READY.set(0)
-        self.state = "stopped"
+        self._state = "stopped"
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()
             await asyncio.gather(self._load_task, return_exceptions=True)
         if self._batcher is not None:
             await self._batcher.stop()
-        if self._classifier is not None:
-            self._classifier.close()
+        if self._core is not None:
+            self._core.classifier.close()
         self.engine.dispose()

@@ -3,10 +3,10 @@
 Built once (by the CLI, a job, or a test) and passed down; nothing else in medzero reads os.environ.
 """
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parent.parent / "models"
 BUNDLED_KNOWLEDGE_BASE_DIR = Path(__file__).resolve().parent.parent / "knowledge_base"
@@ -16,7 +16,7 @@ DEFAULT_MODEL_NAME = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch1
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MEDZERO_", env_file=".env", extra="ignore",
-                                      protected_namespaces=())
+                                      protected_namespaces=(), populate_by_name=True)
 
     # serving
     host: str = "127.0.0.1"
@@ -24,6 +24,7 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     data_dir: Path = Path("data")
     database_url: str | None = None            # SQLAlchemy URL; default sqlite:///<data_dir>/medzero.db
+    db_busy_timeout_ms: int = Field(5000, ge=0)   # SQLite: how long a write waits for another writer; then 503
 
     # model: any open_clip id, untouched
     model_name: str = DEFAULT_MODEL_NAME       # built-in name, hf-hub:org/repo, or local-dir:/path
@@ -41,12 +42,17 @@ class Settings(BaseSettings):
     max_batch_files: int = Field(64, ge=1)
     max_batch_request_bytes: int = Field(256 * 2**20, ge=1)  # a whole /classify/batch body
     max_image_pixels: int = Field(64 * 2**20, ge=1)          # decoded width*height; larger = decompression bomb
+    max_aspect_ratio: float = Field(20.0, ge=1)              # long side / short side; the resize would explode it
     decode_workers: int = Field(2, ge=1)
+    max_label_set_texts: int = Field(20000, ge=1)            # text encodings one label-set write may cost
 
-    # micro-batching
+    # admission and micro-batching
+    max_in_flight_images: int = Field(  # permits: images admitted at once (decoding, queued or encoding); else 503
+        512, ge=1, validation_alias=AliasChoices("MEDZERO_MAX_IN_FLIGHT_IMAGES", "MEDZERO_MAX_QUEUE_IMAGES"))
+    max_concurrent_batch_bodies: int = Field(4, ge=1)      # /classify/batch and pool uploads held in memory at once
     max_batch_size: int = Field(32, ge=1)                  # images per encoder forward
     max_wait_ms: float = Field(5.0, ge=0)                  # longest wait for announced images still decoding
-    max_queue_images: int = Field(512, ge=1)               # more waiting than this -> 503 Overloaded
+    encode_timeout_seconds: float = Field(60.0, gt=0)      # longest wait for one image's forward; then 503
 
     # knowledge base and KPL
     knowledge_base_dir: Path = BUNDLED_KNOWLEDGE_BASE_DIR   # corpus files, one per label set
@@ -60,7 +66,10 @@ class Settings(BaseSettings):
     kpl_proxy_iters: int = Field(2000, ge=1)
     kpl_pool_root: Path | None = None          # server-side folders under this root may be fitted on
     kpl_max_pool_images: int = Field(20000, ge=2)
-    admin_api_key: str | None = None           # when set, admin routes need the X-API-Key header
+    admin_api_key: str | None = None           # when set, admin routes (label-set and fit writes) need X-API-Key
+
+    # metrics: label values come from closed sets; these label sets' names and classes are exported as they are
+    metrics_label_sets: Annotated[list[str], NoDecode] = Field(default_factory=list, max_length=32)
 
     # LLM for `medzero kb generate` (an OpenAI-compatible chat-completions endpoint)
     llm_url: str | None = None                 # e.g. http://localhost:8001/v1
@@ -68,6 +77,13 @@ class Settings(BaseSettings):
     llm_api_key: str | None = None
     llm_timeout_seconds: float = Field(60.0, gt=0)
     llm_max_retries: int = Field(4, ge=0)
+
+    @field_validator("metrics_label_sets", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
 
     @property
     def resolved_database_url(self) -> str:

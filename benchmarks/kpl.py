@@ -1,12 +1,17 @@
-"""KPL costs and benefits: restricted FAISS retrieval per image as the index grows, proxy-fit time as the pool
-grows, and zeroshot vs kpl accuracy on the labelled images in ../shared/data.
+"""KPL costs and benefits: restricted FAISS retrieval per image as the index grows (the current description index
+against the previous design, time and resident memory), proxy-fit time as the pool grows, and zeroshot vs kpl
+accuracy on the labelled images in ../shared/data.
 
-1. retrieval: a `DescriptionIndex` filled through `replace_group` with N synthetic L2-normalised descriptions
-   (many label sets of 60 descriptions per class, one of them 7 classes x 60), then what method=kpl does per
-   image without a stored fit: `search_class(query, label_set, class, k=8)` for each of the 7 classes, as
-   single queries and as batches of 64; `retrieve` (search + evidence vectors) likewise; for reference a FAISS
-   `IDSelectorBatch` search over the whole index (restricted by filtering, not by slicing) and an unrestricted
-   top-8 `index.index.search`. Ratios against the smallest N;
+1. retrieval: two designs, each filled through `replace_group` with the same N synthetic L2-normalised
+   descriptions (many label sets of 60 descriptions per class, one of them 7 classes x 60):
+   *current* is app's `DescriptionIndex` (one IndexFlatIP, rows contiguous per class, searched by row range);
+   *previous* is `PreviousDescriptionIndex` below, a faithful copy of the design it replaced (IndexIDMap2 over
+   an IndexFlatIP plus per-class numpy copies of the ids and vectors, searched with `faiss.knn`). Then what
+   method=kpl does per image without a stored fit: `search_class(query, label_set, class, k=8)` for each of the
+   7 classes, as single queries and as batches of 64; `retrieve` (search + evidence vectors) likewise; for
+   reference, on the current index, a FAISS `IDSelectorBatch` search over the whole index (restricted by
+   filtering, not by range) and an unrestricted top-8 search. Ratios against the smallest N and current ÷
+   previous. Resident memory: each (design, N) filled in a fresh process (spawn), VmRSS before and after;
 2. proxy fit: `fit_kpl` on synthetic pools (7 clusters + noise, 7 x 60 descriptions) with the default
    KPLConfig, both balancing readings; when a full fit would take more than half of --max-fit-seconds,
    fewer proxy iterations are timed and the fit is extrapolated per iteration (the table says so);
@@ -17,20 +22,25 @@ grows, and zeroshot vs kpl accuracy on the labelled images in ../shared/data.
 
 Prints Markdown tables. Run from the repository root:
 
-    .venv/bin/python benchmarks/kpl.py                                   # ~2 min on 2 CPU cores
+    .venv/bin/python benchmarks/kpl.py                                   # a few minutes on 2 CPU cores
     .venv/bin/python benchmarks/kpl.py --model-name hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224
     .venv/bin/python benchmarks/kpl.py --sizes 1k,10k --pool-sizes 1k --skip-accuracy   # quick look
 """
 import argparse
+import asyncio
+import ctypes
 import dataclasses
 import gc
 import math
+import multiprocessing
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import faiss
@@ -39,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from app.knowledge.index import DescriptionIndex, DescriptionItem
+from app.knowledge.index import DescriptionIndex, DescriptionItem, Retrieved
 from app.methods.kpl import BALANCINGS, KPL, KPLConfig, fit_kpl
 from app.settings import DEMO_MODEL_NAME, Settings
 
@@ -57,6 +67,7 @@ MIN_BATCH_SAMPLES = 20             # batched timings repeat over at least this m
 REFERENCE_QUERIES = 50             # single-query samples for the two whole-index reference rows
 WARM_UP_CALLS = 5
 CALIBRATION_ITERS = 20             # proxy iterations timed to decide how many a fit can afford
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16")
 
 
 # -- synthetic vectors
@@ -99,10 +110,87 @@ def queries_near(centroids: np.ndarray, count: int, rng: np.random.Generator) ->
     return normalise(centroids[picks] + 2 * rng.standard_normal((count, dim)).astype(np.float32) / math.sqrt(dim))
 
 
-# -- 1. retrieval
+# -- 1. retrieval: the previous design, kept here to measure against
+
+class PreviousDescriptionIndex:
+    """The description index as it was before rows were kept contiguous per class (app/knowledge/index.py up to
+    commit 3cdba7a), CPU path: an IndexIDMap2 over an IndexFlatIP holding every vector, plus per (label set,
+    class) numpy copies of the ids and vectors, kept in step with every add and remove, which restricted
+    searches run `faiss.knn` on. Every vector is held twice."""
+
+    def __init__(self, model_id: str, dim: int) -> None:
+        self.model_id = model_id
+        self.dim = dim
+        self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        self.items: dict[int, DescriptionItem] = {}
+        self.group_hashes: dict[str, str] = {}
+        self._next_id = 0
+        self._by_class: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+
+    @property
+    def count(self) -> int:
+        return self.index.ntotal
+
+    def replace_group(self, name: str, items: Sequence[DescriptionItem], vectors: np.ndarray, digest: str) -> None:
+        self.remove_group(name)
+        if len(items):
+            ids = np.arange(self._next_id, self._next_id + len(items), dtype=np.int64)
+            self._next_id += len(items)
+            vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+            self.index.add_with_ids(vectors, ids)
+            self.items.update(zip(ids.tolist(), items))
+            self._add_to_class_table(ids, vectors)
+        self.group_hashes[name] = digest
+
+    def remove_group(self, name: str) -> None:
+        doomed = np.array([i for i, item in self.items.items() if item.label_set == name], dtype=np.int64)
+        if len(doomed):
+            self.index.remove_ids(doomed)
+            for i in doomed.tolist():
+                del self.items[i]
+        self.group_hashes.pop(name, None)
+        self._by_class = {key: value for key, value in self._by_class.items() if key[0] != name}
+
+    def _add_to_class_table(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        rows: dict[tuple[str, str], list[int]] = {}
+        for row, item_id in enumerate(ids.tolist()):
+            item = self.items[item_id]
+            rows.setdefault((item.label_set, item.class_name), []).append(row)
+        for key, selected in rows.items():
+            old_ids, old_vectors = self._by_class.get(key, (np.empty(0, np.int64), np.empty((0, self.dim), np.float32)))
+            self._by_class[key] = (np.concatenate([old_ids, ids[selected]]),
+                                   np.concatenate([old_vectors, vectors[selected]]))
+
+    def class_ids(self, label_set: str, class_name: str) -> np.ndarray:
+        return self._by_class.get((label_set, class_name), (np.empty(0, np.int64), None))[0]
+
+    def search_class(self, queries: np.ndarray, label_set: str, class_name: str,
+                     k: int) -> tuple[np.ndarray, np.ndarray]:
+        ids, vectors = self._by_class.get((label_set, class_name), (np.empty(0, np.int64), None))
+        k = min(k, len(ids))
+        if k == 0:
+            return np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        similarities, rows = faiss.knn(queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
+        return similarities, ids[rows]
+
+    def retrieve(self, queries: np.ndarray, label_set: str, class_name: str, k: int) -> list[list[Retrieved]]:
+        similarities, found = self.search_class(queries, label_set, class_name, k)
+        ids, vectors = self._by_class.get((label_set, class_name), (np.empty(0, np.int64), None))
+        row_of = {int(i): row for row, i in enumerate(ids)}
+        return [[Retrieved(self.items[int(i)].text, self.items[int(i)].source, float(s), vectors[row_of[int(i)]])
+                 for s, i in zip(row_s, row_i) if i >= 0] for row_s, row_i in zip(similarities, found)]
+
+
+DESIGNS: dict[str, Callable[[str, int], object]] = {"previous": PreviousDescriptionIndex,
+                                                    "current": DescriptionIndex}
+
+
+# -- 1. retrieval: timings
 
 @dataclass
 class Latency:
+    design: str
     operation: str
     descriptions: int
     queries: int                       # single-query samples
@@ -113,12 +201,25 @@ class Latency:
 
 @dataclass
 class Upkeep:
+    design: str
     descriptions: int
     label_sets: int
     build_seconds: float               # every replace_group into an empty index
-    first_search_ms: float             # the first search_class after the build (per-class tables built lazily)
+    first_search_ms: float             # the first search_class after the build
     replace_ms: float                  # replace_group of the target label set in the full index (a label-set update)
     first_search_after_replace_ms: float
+
+
+@dataclass
+class Resident:
+    design: str
+    descriptions: int
+    dim: int
+    megabytes: float                   # VmRSS after filling minus before, in a fresh process
+
+    @property
+    def one_copy_megabytes(self) -> float:
+        return self.descriptions * self.dim * 4 / 2**20
 
 
 def time_calls(calls: list[Callable[[], object]]) -> tuple[float, list[float]]:
@@ -131,13 +232,13 @@ def time_calls(calls: list[Callable[[], object]]) -> tuple[float, list[float]]:
     return sum(per_call), per_call
 
 
-def measure_operation(name: str, descriptions: int, queries: np.ndarray,
+def measure_operation(design: str, name: str, descriptions: int, queries: np.ndarray,
                       calls_for: Callable[[np.ndarray], list[Callable[[], object]]], single_queries: int,
                       one_call_per_image: bool) -> Latency:
     for query in queries[:WARM_UP_CALLS]:
         time_calls(calls_for(query[None]))
     image_ms, call_ms = [], []
-    for query in tqdm(queries[:single_queries], desc=f"{name[:28]} @ {descriptions:,}", unit="query",
+    for query in tqdm(queries[:single_queries], desc=f"{design} {name[:24]} @ {descriptions:,}", unit="query",
                       leave=False):
         total, per_call = time_calls(calls_for(query[None]))   # batch of 1: one image as /classify sends it
         image_ms.append(total)
@@ -147,21 +248,30 @@ def measure_operation(name: str, descriptions: int, queries: np.ndarray,
     for _ in range(max(1, math.ceil(MIN_BATCH_SAMPLES / len(batches)))):
         for batch in batches:
             batch_image_ms.append(time_calls(calls_for(batch))[0] / len(batch))
-    return Latency(name, descriptions, single_queries, image_ms, call_ms, batch_image_ms)
+    return Latency(design, name, descriptions, single_queries, image_ms, call_ms, batch_image_ms)
 
 
-def benchmark_retrieval(size: int, dim: int, n_queries: int, seed: int) -> tuple[list[Latency], Upkeep]:
-    rng = np.random.default_rng(seed)
+def fill_index(index, size: int, dim: int, rng: np.random.Generator, *,
+               show_progress: bool = True) -> tuple[list[tuple[str, list[int]]], np.ndarray, float]:
+    """`size` synthetic descriptions into `index` by `replace_group`: (groups, the target's centroids, seconds
+    spent in replace_group)."""
     groups = label_set_groups(size)
-    index = DescriptionIndex("bench-synthetic", dim)
-    build_seconds = 0.0
-    target_centroids = None
-    for name, per_class in tqdm(groups, desc=f"filling index @ {size:,}", unit="label set", leave=False):
+    build_seconds, target_centroids = 0.0, None
+    for name, per_class in tqdm(groups, desc=f"filling index @ {size:,}", unit="label set", leave=False,
+                                disable=not show_progress):
         items, vectors, centroids = description_group(name, per_class, dim, rng)
         target_centroids = centroids if target_centroids is None else target_centroids
         started = time.perf_counter()
         index.replace_group(name, items, vectors, digest=name)
         build_seconds += time.perf_counter() - started
+    return groups, target_centroids, build_seconds
+
+
+def benchmark_retrieval(design: str, size: int, dim: int, n_queries: int, seed: int,
+                        references: bool) -> tuple[list[Latency], Upkeep]:
+    rng = np.random.default_rng(seed)                 # the same vectors and queries for every design
+    index = DESIGNS[design]("bench-synthetic", dim)
+    groups, target_centroids, build_seconds = fill_index(index, size, dim, rng)
     classes = [f"class_{c}" for c in range(TARGET_CLASSES)]
     queries = queries_near(target_centroids, max(n_queries, BATCH_QUERIES), rng)
 
@@ -184,15 +294,18 @@ def benchmark_retrieval(size: int, dim: int, n_queries: int, seed: int) -> tuple
     def unrestricted(query: np.ndarray) -> list[Callable[[], object]]:
         return [lambda: index.index.search(query, TOP_K)]
 
-    reference_queries = min(n_queries, REFERENCE_QUERIES)
     latencies = [
-        measure_operation("`search_class` × 7", size, queries, search_class, n_queries, False),
-        measure_operation("`retrieve` × 7", size, queries, retrieve, n_queries, False),
-        measure_operation("FAISS `IDSelectorBatch` over the whole index × 7", size, queries, id_selector_batch,
-                          reference_queries, False),
-        measure_operation("unrestricted top-8 `index.index.search` × 1", size, queries, unrestricted,
-                          reference_queries, True),
+        measure_operation(design, "`search_class` × 7", size, queries, search_class, n_queries, False),
+        measure_operation(design, "`retrieve` × 7", size, queries, retrieve, n_queries, False),
     ]
+    if references:
+        reference_queries = min(n_queries, REFERENCE_QUERIES)
+        latencies += [
+            measure_operation(design, "FAISS `IDSelectorBatch` over the whole index × 7", size, queries,
+                              id_selector_batch, reference_queries, False),
+            measure_operation(design, "unrestricted top-8 search of the whole index × 1", size, queries,
+                              unrestricted, reference_queries, True),
+        ]
 
     name, per_class = groups[0]
     items, vectors, _ = description_group(name, per_class, dim, rng)
@@ -200,8 +313,45 @@ def benchmark_retrieval(size: int, dim: int, n_queries: int, seed: int) -> tuple
     index.replace_group(name, items, vectors, digest=f"{name}-v2")
     replace_ms = (time.perf_counter() - started) * 1000
     after_ms = time_calls([lambda: index.search_class(queries[:1], TARGET_LABEL_SET, classes[0], TOP_K)])[0]
-    upkeep = Upkeep(index.count, len(groups), build_seconds, first_search_ms, replace_ms, after_ms)
-    return latencies, upkeep
+    return latencies, Upkeep(design, index.count, len(groups), build_seconds, first_search_ms, replace_ms, after_ms)
+
+
+# -- 1. retrieval: resident memory, one fresh process per (design, size)
+
+def vm_rss_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmRSS in /proc/self/status")
+
+
+def release_freed_memory() -> None:
+    """gc, then glibc's malloc_trim: freed temporaries go back to the system rather than count as resident."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc: what was freed may still count
+        pass
+
+
+def resident_after_fill(design: str, size: int, dim: int, seed: int) -> float:
+    """In a fresh process: MB resident that filling `design` with `size` descriptions adds (index, entries and
+    tables; the generated vectors are temporaries, freed before the second reading)."""
+    release_freed_memory()
+    before = vm_rss_bytes()
+    index = DESIGNS[design]("bench-synthetic", dim)
+    fill_index(index, size, dim, np.random.default_rng(seed), show_progress=False)
+    release_freed_memory()
+    after = vm_rss_bytes()
+    assert index.count == size
+    return (after - before) / 2**20
+
+
+def measure_resident(design: str, size: int, dim: int, seed: int) -> Resident:
+    spawn = multiprocessing.get_context("spawn")               # a fresh interpreter: no allocator reuse
+    with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as worker:
+        return Resident(design, size, dim, worker.submit(resident_after_fill, design, size, dim, seed).result())
 
 
 # -- 2. proxy fit
@@ -306,52 +456,46 @@ def list_dataset(folder: Path, suffixes: set[str]) -> tuple[list[Path], list[str
 
 def benchmark_accuracy(args: argparse.Namespace, work_dir: Path) -> tuple[str, str, bool, list[str], list[MethodScore]]:
     """(model id, device, pretrained weights?, notes, scores)."""
-    from app.jobs.fit_kpl import encode_folder            # the model stack, only when this section runs
-    from app.methods.zero_shot import ZeroShot
-    from app.runtime import load_core
-    from app.services.kpl_fits import POOL_SUFFIXES
-    from app.storage.db import create_db_engine
-    from app.storage.kpl_fits import KPLFitRepository
-    from app.storage.label_sets import LabelSetRepository
+    return asyncio.run(_benchmark_accuracy(args, work_dir))
+
+
+async def _benchmark_accuracy(args: argparse.Namespace,
+                              work_dir: Path) -> tuple[str, str, bool, list[str], list[MethodScore]]:
+    from app.methods.zero_shot import ZeroShot  # the model stack, only when this section runs
+    from app.runtime import Runtime
+    from app.services.uploads import IMAGE_SUFFIXES
 
     settings = Settings(model_name=args.model_name, pretrained=args.pretrained, device=args.device,
                         data_dir=work_dir / "data")
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    engine = create_db_engine(settings.resolved_database_url)
     notes, scores = [], []
-    try:
-        fits = KPLFitRepository(engine)
-        core = load_core(settings, LabelSetRepository(engine), fits, progress=True)
-        encoder, logit_scale = core.encoder, core.encoder.logit_scale
-        transductive = {reading: KPL(core.knowledge, fits, dataclasses.replace(core.kpl.config, balancing=reading))
+    async with Runtime.for_job(settings, progress=True) as runtime:
+        encoder, classifier, logit_scale = runtime.encoder, runtime.classifier, runtime.encoder.logit_scale
+        kpl = classifier.method("kpl")
+        transductive = {reading: KPL(runtime.knowledge, dataclasses.replace(kpl.config, balancing=reading))
                         for reading in BALANCINGS}
         for dataset, label_set in DATASET_LABEL_SETS.items():
             folder = args.data_root / dataset
             if not folder.is_dir():
                 notes.append(f"`{dataset}`: no folder {folder}; skipped")
                 continue
-            head = core.label_sets.head(label_set)
-            if core.kpl.current_fit(head) is not None:
+            head = await classifier.head(label_set)
+            if await classifier.state(kpl, head) is not None:
                 raise SystemExit(f"{label_set} has a stored KPL fit in a fresh data dir; kpl per image would use it")
-            paths, labels = list_dataset(folder, POOL_SUFFIXES)
+            paths, labels = list_dataset(folder, IMAGE_SUFFIXES)
             unknown = sorted(set(labels) - set(head.class_names))
             if unknown or not paths:
                 notes.append(f"`{dataset}`: class folders {unknown} are not classes of `{label_set}` "
                              f"({', '.join(head.class_names)}), or no images; skipped")
                 continue
-            features, skipped = encode_folder(encoder, paths, settings.max_image_pixels, progress=True)
-            bad = {path for path, _ in skipped}
-            y_true = np.array([head.class_names.index(label) for path, label in zip(paths, labels)
-                               if str(path) not in bad])
-            if skipped:
-                notes.append(f"`{dataset}`: {len(skipped)} unreadable images skipped")
+            features, usable = await encode_as_the_server_does(runtime, paths)
+            y_true = np.array([head.class_names.index(labels[i]) for i in usable])
+            if len(usable) < len(paths):
+                notes.append(f"`{dataset}`: {len(paths) - len(usable)} unreadable images skipped")
             n_classes = len(head.class_names)
-            runs = [("zeroshot", lambda: ZeroShot().score(features, head, logit_scale=logit_scale)),
-                    ("kpl, per image (no fit)",
-                     lambda: core.kpl.score(features, head, logit_scale=logit_scale, transductive=False))]
-            runs += [(f"kpl, transductive, {reading}",
-                      lambda method=method: method.score(features, head, logit_scale=logit_scale, transductive=True))
-                     for reading, method in transductive.items()]
+            methods = [("zeroshot", ZeroShot(), False), ("kpl, per image (no fit)", kpl, False)]
+            methods += [(f"kpl, transductive, {reading}", method, True) for reading, method in transductive.items()]
+            runs = [(name, partial(method.score, features, head, None, logit_scale=logit_scale,
+                                   transductive=is_transductive)) for name, method, is_transductive in methods]
             for method_name, run in tqdm(runs, desc=f"scoring {dataset}", unit="method", leave=False):
                 started = time.perf_counter()
                 y_pred = run().probabilities.argmax(dim=1).numpy()
@@ -361,8 +505,26 @@ def benchmark_accuracy(args: argparse.Namespace, work_dir: Path) -> tuple[str, s
                                           balanced_accuracy(y_true, y_pred, n_classes),
                                           macro_f1(y_true, y_pred, n_classes), seconds))
         return encoder.model_id, str(encoder.device), encoder.has_pretrained_weights, notes, scores
-    finally:
-        engine.dispose()
+
+
+async def encode_as_the_server_does(runtime, paths: list[Path]) -> tuple[torch.Tensor, list[int]]:
+    """(n_usable, dim) features and which of `paths` they are: the server's bounded reads, decode pool and
+    batched encoder, with admission permits a chunk at a time."""
+    from app.errors import MedzeroError
+    from app.services.uploads import on_disk
+
+    files = [on_disk(path, str(path), runtime.settings.max_upload_bytes) for path in paths]
+    chunk_size = max(1, runtime.settings.max_in_flight_images // 2)
+    features, usable = [], []
+    for start in tqdm(range(0, len(files), chunk_size), desc="encoding", unit="chunk", leave=False):
+        chunk = files[start:start + chunk_size]
+        with runtime.admission.try_acquire(len(chunk)):
+            outcomes = await runtime.classifier.encode_files(chunk)
+        for offset, outcome in enumerate(outcomes):
+            if not isinstance(outcome, MedzeroError):
+                features.append(outcome.features)
+                usable.append(start + offset)
+    return torch.stack(features), usable
 
 
 # -- report
@@ -377,53 +539,103 @@ def ms(value: float) -> str:
     return f"{value:.3f}" if value < 10 else f"{value:.1f}"
 
 
+def ratio(value: float, base: float) -> str:
+    return f"{value / base:.2f}" if base > 0 and not math.isnan(value) else "–"
+
+
 def format_latency_table(latencies: list[Latency]) -> str:
-    baseline = {(r.operation, "single"): percentile(r.image_ms, 50) for r in latencies
-                if r.descriptions == min(x.descriptions for x in latencies)}
-    baseline |= {(r.operation, "batch"): percentile(r.batch_image_ms, 50) for r in latencies
-                 if r.descriptions == min(x.descriptions for x in latencies)}
-    lines = ["| operation | descriptions | queries | ms/image p50 | ms/image p95 | ms/class search p50 "
-             "| ms/class search p95 | batch of 64: ms/image p50 | batch of 64: ms/image p95 "
-             "| ÷ smallest N (single p50) | ÷ smallest N (batch p50) |",
-             "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
-    for row in sorted(latencies, key=lambda r: ([x.operation for x in latencies].index(r.operation),
-                                                 r.descriptions)):
+    smallest = min(r.descriptions for r in latencies)
+    baseline = {(r.design, r.operation): (percentile(r.image_ms, 50), percentile(r.batch_image_ms, 50))
+                for r in latencies if r.descriptions == smallest}
+    lines = [("| design | operation | descriptions | queries | ms/image p50 | ms/image p95 | ms/class search p50 "
+              "| ms/class search p95 | batch of 64: ms/image p50 | batch of 64: ms/image p95 "
+              "| ÷ smallest N (single p50) | ÷ smallest N (batch p50) |"),
+             "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    order = list(dict.fromkeys((r.design, r.operation) for r in latencies))
+    for row in sorted(latencies, key=lambda r: (order.index((r.design, r.operation)), r.descriptions)):
         single, batch = percentile(row.image_ms, 50), percentile(row.batch_image_ms, 50)
-        lines.append(f"| {row.operation} | {row.descriptions:,} | {row.queries} | {ms(single)} "
+        base_single, base_batch = baseline[(row.design, row.operation)]
+        lines.append(f"| {row.design} | {row.operation} | {row.descriptions:,} | {row.queries} | {ms(single)} "
                      f"| {ms(percentile(row.image_ms, 95))} | {ms(percentile(row.call_ms, 50))} "
                      f"| {ms(percentile(row.call_ms, 95))} | {ms(batch)} | {ms(percentile(row.batch_image_ms, 95))} "
-                     f"| {single / baseline[(row.operation, 'single')]:.2f} "
-                     f"| {batch / baseline[(row.operation, 'batch')]:.2f} |")
+                     f"| {ratio(single, base_single)} | {ratio(batch, base_batch)} |")
+    return "\n".join(lines)
+
+
+def format_comparison_table(latencies: list[Latency], resident: list[Resident]) -> str:
+    """Per size and operation: previous vs current ms/image (single p50, batch-of-64 p50), then resident MB."""
+    by_key = {(r.design, r.operation, r.descriptions): r for r in latencies}
+    operations = list(dict.fromkeys(r.operation for r in latencies if r.design == "previous"))
+    sizes = sorted({r.descriptions for r in latencies})
+    lines = [("| descriptions | operation | previous ms/image | current ms/image | current ÷ previous "
+              "| previous batch of 64: ms/image | current batch of 64: ms/image | current ÷ previous |"),
+             "|--:|---|--:|--:|--:|--:|--:|--:|"]
+    for size in sizes:
+        for operation in operations:
+            old, new = by_key.get(("previous", operation, size)), by_key.get(("current", operation, size))
+            if old is None or new is None:
+                continue
+            old_single, new_single = percentile(old.image_ms, 50), percentile(new.image_ms, 50)
+            old_batch, new_batch = percentile(old.batch_image_ms, 50), percentile(new.batch_image_ms, 50)
+            lines.append(f"| {size:,} | {operation} | {ms(old_single)} | {ms(new_single)} "
+                         f"| {ratio(new_single, old_single)} | {ms(old_batch)} | {ms(new_batch)} "
+                         f"| {ratio(new_batch, old_batch)} |")
+    lines += ["", ("| descriptions | dim | previous resident MB | current resident MB | current ÷ previous "
+                   "| one copy of the vectors MB |"), "|--:|--:|--:|--:|--:|--:|"]
+    memory = {(r.design, r.descriptions): r for r in resident}
+    for size in sorted({r.descriptions for r in resident}):
+        old, new = memory.get(("previous", size)), memory.get(("current", size))
+        if old is None or new is None:
+            continue
+        lines.append(f"| {size:,} | {new.dim} | {old.megabytes:.1f} | {new.megabytes:.1f} "
+                     f"| {ratio(new.megabytes, old.megabytes)} | {new.one_copy_megabytes:.1f} |")
     return "\n".join(lines)
 
 
 def format_upkeep_table(upkeep: list[Upkeep]) -> str:
-    lines = ["| descriptions | label sets | build: every `replace_group` s | first `search_class` after the build ms "
-             f"| `replace_group` of the {TARGET_CLASSES}-class label set ms | first `search_class` after it ms |",
-             "|--:|--:|--:|--:|--:|--:|"]
-    for row in upkeep:
-        lines.append(f"| {row.descriptions:,} | {row.label_sets} | {row.build_seconds:.2f} | {ms(row.first_search_ms)} "
-                     f"| {ms(row.replace_ms)} | {ms(row.first_search_after_replace_ms)} |")
+    lines = [("| design | descriptions | label sets | build: every `replace_group` s "
+              f"| first `search_class` after the build ms | `replace_group` of the {TARGET_CLASSES}-class label set ms "
+              "| first `search_class` after it ms |"),
+             "|---|--:|--:|--:|--:|--:|--:|"]
+    for row in sorted(upkeep, key=lambda r: (list(DESIGNS).index(r.design), r.descriptions)):
+        lines.append(f"| {row.design} | {row.descriptions:,} | {row.label_sets} | {row.build_seconds:.2f} "
+                     f"| {ms(row.first_search_ms)} | {ms(row.replace_ms)} | {ms(row.first_search_after_replace_ms)} |")
     return "\n".join(lines)
 
 
 def goal_line(latencies: list[Latency], goal_size: int = 100_000, goal_ms: float = 1.0) -> str:
-    rows = [r for r in latencies if r.operation.startswith("`search_class`") and r.descriptions >= goal_size]
+    rows = [r for r in latencies if r.design == "current" and r.operation.startswith("`search_class`")
+            and r.descriptions >= goal_size]
     if not rows:
         return f"1 ms goal at {goal_size:,} descriptions: not measured (no --sizes entry ≥ {goal_size:,})."
     row = min(rows, key=lambda r: r.descriptions)
     p50, p95 = percentile(row.image_ms, 50), percentile(row.image_ms, 95)
     verdict = "MET" if p95 < goal_ms else ("met at the median, not at p95" if p50 < goal_ms else "NOT MET")
-    return (f"Goal < {goal_ms:g} ms per image at {goal_size:,} descriptions on CPU (all {TARGET_CLASSES} class "
-            f"searches, single query): {verdict} — {row.descriptions:,} descriptions: p50 {ms(p50)} ms, "
-            f"p95 {ms(p95)} ms; batched {ms(percentile(row.batch_image_ms, 50))} ms/image.")
+    return (f"Goal < {goal_ms:g} ms per image at {goal_size:,} descriptions on CPU (current design, all "
+            f"{TARGET_CLASSES} class searches, single query): {verdict} — {row.descriptions:,} descriptions: "
+            f"p50 {ms(p50)} ms, p95 {ms(p95)} ms; batched {ms(percentile(row.batch_image_ms, 50))} ms/image.")
+
+
+def cpu_line() -> str:
+    """The CPU flags that decide FAISS's kernels, as /proc/cpuinfo lists them, and what FAISS was built with."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    except OSError:
+        flags = None
+    shown = ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in CPU_FLAGS) if flags is not None \
+        else "no /proc/cpuinfo"
+    level = getattr(faiss, "SIMDConfig", None)
+    dispatched = f", dispatched SIMD level {level.get_level_name()}" if level is not None else ""
+    return (f"CPU flags: {shown} · faiss {faiss.__version__} compile options: "
+            f"{faiss.get_compile_options().strip()}{dispatched}")
 
 
 def format_fit_table(timings: list[FitTiming]) -> str:
     full_iters = KPLConfig().proxy_iters
     smallest = {t.balancing: t.seconds for t in timings if t.pool_size == min(x.pool_size for x in timings)}
-    lines = [f"| balancing | pool images | iterations measured | seconds for {full_iters} iterations "
-             "| of which text proxies + balancing | ÷ smallest pool | agreement with the synthetic clusters |",
+    lines = [(f"| balancing | pool images | iterations measured | seconds for {full_iters} iterations "
+              "| of which text proxies + balancing | ÷ smallest pool | agreement with the synthetic clusters |"),
              "|---|--:|--:|--:|--:|--:|--:|"]
     for t in sorted(timings, key=lambda t: (BALANCINGS.index(t.balancing), t.pool_size)):
         measured = (f"{t.iterations_measured}" if t.iterations_measured == full_iters
@@ -440,8 +652,8 @@ def format_accuracy_table(scores: list[MethodScore]) -> str:
     def delta(value: float, base: float) -> str:
         return f"{100 * (value - base):+.1f}"
 
-    lines = ["| dataset | label set | images | chance (bal. acc.) | method | accuracy % | Δ | balanced acc. % | Δ "
-             "| macro-F1 % | Δ | seconds |",
+    lines = [("| dataset | label set | images | chance (bal. acc.) | method | accuracy % | Δ | balanced acc. % | Δ "
+              "| macro-F1 % | Δ | seconds |"),
              "|---|---|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|"]
     by_dataset: dict[str, list[MethodScore]] = {}
     for score in scores:
@@ -517,13 +729,18 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
         faiss.omp_set_num_threads(args.threads)
 
-    latencies, upkeep = [], []
+    latencies, upkeep, resident = [], [], []
     for size in args.sizes:
-        progress(f"retrieval: {size:,} descriptions, dim {args.dim}")
-        rows, kept = benchmark_retrieval(size, args.dim, args.queries, args.seed)
-        latencies += rows
-        upkeep.append(kept)
-        gc.collect()
+        for design in DESIGNS:
+            progress(f"retrieval: {design} design, {size:,} descriptions, dim {args.dim}")
+            rows, kept = benchmark_retrieval(design, size, args.dim, args.queries, args.seed,
+                                             references=design == "current")
+            latencies += rows
+            upkeep.append(kept)
+            gc.collect()
+        for design in DESIGNS:
+            progress(f"resident memory: {design} design, {size:,} descriptions, in a fresh process")
+            resident.append(measure_resident(design, size, args.dim, args.seed))
 
     timings = []
     for pool_size, balancing in tqdm([(n, b) for n in args.pool_sizes for b in BALANCINGS],
@@ -550,9 +767,10 @@ def main(argv: list[str] | None = None) -> int:
 
     gpu = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
     print(f"{model_line} · torch {torch.__version__}, {torch.get_num_threads()} threads · "
-          f"faiss {faiss.__version__} ({faiss.get_compile_options().strip()}), {faiss.omp_get_max_threads()} OpenMP "
-          f"threads, {'a GPU visible to faiss' if gpu else 'CPU only'} · {os.cpu_count()} CPUs · load average "
-          f"{load_at_start:.1f} at start, {os.getloadavg()[0]:.1f} at end")
+          f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} OpenMP threads, "
+          f"{'a GPU visible to faiss (the index searches on CPU)' if gpu else 'CPU only'} · {os.cpu_count()} CPUs · "
+          f"load average {load_at_start:.1f} at start, {os.getloadavg()[0]:.1f} at end")
+    print(cpu_line())
     print()
     print(f"### Retrieval per image: {TARGET_CLASSES} classes × {DESCRIPTIONS_PER_CLASS} descriptions restricted, "
           f"k={TOP_K}, dim {args.dim}")
@@ -560,6 +778,14 @@ def main(argv: list[str] | None = None) -> int:
     print(format_latency_table(latencies))
     print()
     print(goal_line(latencies))
+    print()
+    print("### Previous design (IndexIDMap2 + per-class numpy copies, `faiss.knn`) vs current (one IndexFlatIP, "
+          "rows contiguous per class, `IDSelectorRange`)")
+    print()
+    print("ms/image: p50 over all 7 class searches of an image. Resident MB: VmRSS added by filling the index "
+          "(vectors, entries, tables) in a fresh process per row, after gc and malloc_trim.")
+    print()
+    print(format_comparison_table(latencies, resident))
     print()
     print(format_upkeep_table(upkeep))
     print()

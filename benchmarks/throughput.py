@@ -109,7 +109,9 @@ def benchmark_raw(settings: Settings, payloads: list[bytes], batch_size: int) ->
     encoder = load_encoder(settings)   # the server's loader: same model, device, precision, warm-up
 
     def to_pixels(data: bytes) -> torch.Tensor:
-        return encoder.preprocess(decode_image(data, max_pixels=settings.max_image_pixels).image)
+        decoded = decode_image(data, max_pixels=settings.max_image_pixels,
+                               max_aspect_ratio=settings.max_aspect_ratio)
+        return encoder.preprocess(decoded.image)
 
     chunks = [payloads[i:i + batch_size] for i in range(0, len(payloads), batch_size)]
     batches = [torch.stack([to_pixels(data) for data in chunk]) for chunk in chunks]   # (n, 3, H, W) each

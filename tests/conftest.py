@@ -2,6 +2,7 @@
 import os
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -10,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from app.main import create_app
 from app.settings import Settings
@@ -43,6 +45,35 @@ def running_app(settings: Settings) -> Iterator[TestClient]:
 def client(tmp_path: Path) -> Iterator[TestClient]:
     with running_app(tiny_settings(tmp_path)) as c:
         yield c
+
+
+def metric(client: TestClient, name: str, **labels: str) -> float:
+    """One sample of the app's /metrics exposition (0 when absent), as a scraper would read it."""
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+@contextmanager
+def encoder_thread_held(client: TestClient) -> Iterator[threading.Event]:
+    """Keeps the app's encoder thread busy (through the batcher's own run_sync) until the yielded event is set
+    or the block ends: what a long forward would do, deterministically."""
+    release, holding = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        holding.set()
+        release.wait(30)
+
+    holder = threading.Thread(target=client.app.state.runtime.batcher.run_sync, args=(hold,))
+    holder.start()
+    holding.wait(10)
+    try:
+        yield release
+    finally:
+        release.set()
+        holder.join()
 
 
 def free_port() -> int:

@@ -13,8 +13,10 @@ from typing import Any
 import numpy as np
 import pydicom
 from PIL import Image
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.pixels import convert_color_space
+from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 
@@ -60,17 +62,22 @@ def png_bytes(*, width: int = 64, height: int = 48, mode: str = "RGB") -> bytes:
     return _save(pil_image(width=width, height=height, mode=mode), "PNG")
 
 
-def jpeg_bytes(*, width: int = 64, height: int = 48, mode: str = "RGB", quality: int = 90) -> bytes:
-    """A baseline JPEG of ``pil_image(width, height, mode)`` ("RGB", "L" or "CMYK")."""
-    return _save(pil_image(width=width, height=height, mode=mode), "JPEG", quality=quality)
+def jpeg_bytes(*, width: int = 64, height: int = 48, mode: str = "RGB", quality: int = 90,
+               comment: str | None = None) -> bytes:
+    """A baseline JPEG of ``pil_image(width, height, mode)`` ("RGB", "L" or "CMYK"), with ``comment`` in a
+    COM segment if given."""
+    options = {"comment": comment} if comment is not None else {}
+    return _save(pil_image(width=width, height=height, mode=mode), "JPEG", quality=quality, **options)
 
 
-def tiff_bytes(*, width: int = 64, height: int = 48, mode: str = "RGB", pages: int = 1) -> bytes:
+def tiff_bytes(*, width: int = 64, height: int = 48, mode: str = "RGB", pages: int = 1,
+               description: str | None = None) -> bytes:
     """A TIFF of ``pil_image(width, height, mode)``; extra pages are twice as large, so a test can tell
-    which page was decoded."""
+    which page was decoded. ``description`` goes into the ImageDescription tag."""
     first = pil_image(width=width, height=height, mode=mode)
     later = [pil_image(width=2 * width, height=2 * height, mode=mode) for _ in range(pages - 1)]
-    return _save(first, "TIFF", save_all=bool(later), append_images=later)
+    options = {"description": description} if description is not None else {}
+    return _save(first, "TIFF", save_all=bool(later), append_images=later, **options)
 
 
 def png_header_bytes(*, width: int, height: int) -> bytes:
@@ -78,6 +85,17 @@ def png_header_bytes(*, width: int, height: int) -> bytes:
     decoding it fails, so only a size check made before decoding can refuse it as too large."""
     return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
             + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 16)))
+
+
+def png_with_bad_chunk_bytes(chunk_type: bytes, *, width: int = 64, height: int = 48) -> bytes:
+    """A greyscale PNG whose image data is split over two IDAT chunks, the second one's type replaced by the
+    four bytes ``chunk_type`` (not all letters): the header opens, and decoding fails on reaching that chunk."""
+    scanlines = b"".join(b"\x00" + bytes(ramp(width, 1)[0]) for _ in range(height))  # filter byte 0 per row
+    compressed = zlib.compress(scanlines)
+    first, second = compressed[: len(compressed) // 2], compressed[len(compressed) // 2:]
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + _png_chunk(b"IDAT", first) + struct.pack(">I", len(second)) + chunk_type + second
+            + struct.pack(">I", zlib.crc32(chunk_type + second)) + _png_chunk(b"IEND", b""))
 
 
 def _png_chunk(chunk_type: bytes, payload: bytes) -> bytes:
@@ -103,9 +121,15 @@ def make_dicom_dataset(
     voi_lut_first_mapped: int = 0,
     voi_lut_bits: int = 16,
     presentation_lut_shape: str | None = None,
+    presentation_lut_data: list[int] | None = None,
+    presentation_lut_bits: int = 12,
+    pixel_padding_value: int | None = None,
+    pixel_padding_range_limit: int | None = None,
     palette: np.ndarray | None = None,
     with_pixel_data: bool = True,
     modality: str = "DX",
+    patient_name: str | None = None,
+    raw_elements: dict[int, tuple[str, bytes]] | None = None,
     transfer_syntax: str = ExplicitVRLittleEndian,
 ) -> FileDataset:
     """A single-image DICOM dataset (Secondary Capture SOP class) with the given pixel module.
@@ -115,9 +139,12 @@ def make_dicom_dataset(
         a left-to-right ramp over the whole stored range (so the leftmost column is the stored minimum).
     bits_allocated/bits_stored/signed: 8 or 16 bits allocated; bits_stored defaults to bits_allocated.
     number_of_frames > 1 repeats the frame. voi_lut_data adds a VOI LUT Sequence item whose descriptor is
-    [len, voi_lut_first_mapped, voi_lut_bits]. palette: (entries, 3) uint16 LUT for "PALETTE COLOR"
-    (16-bit entries, first mapped value 0). transfer_syntax: a compressed one (e.g. RLE Lossless) is
-    produced with pydicom's own encoder.
+    [len, voi_lut_first_mapped, voi_lut_bits]; presentation_lut_data likewise a Presentation LUT Sequence
+    item, [len, 0, presentation_lut_bits]. pixel_padding_value / pixel_padding_range_limit: stored values,
+    written as SS when signed, else US. palette: (entries, 3) uint16 LUT for "PALETTE COLOR" (16-bit
+    entries, first mapped value 0). raw_elements: {tag: (VR, value bytes)} written byte for byte, unchecked,
+    for malformed values pydicom would refuse to set. transfer_syntax: a compressed one (e.g. RLE Lossless)
+    is produced with pydicom's own encoder.
     """
     bits_stored = bits_stored or bits_allocated
     dtype = np.dtype(f"{'i' if signed else 'u'}{bits_allocated // 8}")
@@ -137,9 +164,19 @@ def make_dicom_dataset(
     if window_center is not None and window_width is not None:
         dataset.WindowCenter, dataset.WindowWidth = window_center, window_width
     if voi_lut_data is not None:
-        dataset.VOILUTSequence = [_voi_lut_item(voi_lut_data, voi_lut_first_mapped, voi_lut_bits)]
+        dataset.VOILUTSequence = [_lut_item(voi_lut_data, voi_lut_first_mapped, voi_lut_bits)]
     if presentation_lut_shape is not None:
         dataset.PresentationLUTShape = presentation_lut_shape
+    if presentation_lut_data is not None:
+        dataset.PresentationLUTSequence = [_lut_item(presentation_lut_data, 0, presentation_lut_bits)]
+    for tag, value in ((0x00280120, pixel_padding_value), (0x00280121, pixel_padding_range_limit)):
+        if value is not None:  # "US or SS" in the dictionary: the pixel representation decides
+            dataset.add_new(tag, "SS" if signed else "US", value)
+    if patient_name is not None:
+        dataset.PatientName = patient_name
+    for tag, (vr, value) in (raw_elements or {}).items():
+        dataset[tag] = RawDataElement(Tag(tag), vr, len(value), value, value_tell=0, is_implicit_VR=False,
+                                      is_little_endian=True)
     if palette is not None:
         _set_palette(dataset, palette)
     if transfer_syntax != ExplicitVRLittleEndian:
@@ -195,7 +232,7 @@ def _empty_dataset(modality: str) -> FileDataset:
     return dataset
 
 
-def _voi_lut_item(lut_data: list[int], first_mapped: int, bits: int) -> pydicom.Dataset:
+def _lut_item(lut_data: list[int], first_mapped: int, bits: int) -> pydicom.Dataset:
     item = pydicom.Dataset()
     item.LUTDescriptor = [len(lut_data), first_mapped, bits]
     item.add_new(0x00283006, "US", list(lut_data))  # LUTData

@@ -1,9 +1,49 @@
-"""HTTP shapes, named as in the FastAPI template: <Thing>Create for input, <Thing>Public for output."""
+"""HTTP shapes, named as in the FastAPI template: <Thing>Create for input, <Thing>Public for output; and the
+parsing of request fields that are not JSON bodies (classify parameters, class priors)."""
 from datetime import datetime
+from typing import Annotated
 
-from pydantic import BaseModel, Field
+from fastapi import Form, Query
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from app.domain import LabelClass, LabelSet, LabelSetSpec
+from app.errors import InvalidInput
+
+ClassPrior = TypeAdapter(dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)]])
+
+
+def parse_class_prior(text: str) -> dict[str, float]:
+    """'{"normal": 0.7, "pneumonia": 0.3}' or 'normal=0.7,pneumonia=0.3' -> {class: positive weight}."""
+    try:
+        if text.lstrip().startswith("{"):
+            return ClassPrior.validate_json(text)
+        pairs = [pair.split("=", 1) for pair in text.split(",")]
+        return ClassPrior.validate_python({name.strip(): float(weight) for name, weight in pairs})
+    except (ValidationError, ValueError) as exc:
+        raise InvalidInput(f"class_prior must map each class to a positive weight, as JSON "
+                           f'({{"normal": 0.7, ...}}) or normal=0.7,...; got {text[:100]!r}') from exc
+
+
+class ClassifyParams:
+    """label_set, method, top_k and transductive from the form or the query string (the form wins)."""
+
+    def __init__(self,
+                 label_set_form: Annotated[str | None, Form(alias="label_set")] = None,
+                 method_form: Annotated[str | None, Form(alias="method")] = None,
+                 top_k_form: Annotated[int | None, Form(alias="top_k", ge=1)] = None,
+                 label_set: Annotated[str | None, Query(description="Name of a registered label set.")] = None,
+                 method: Annotated[str | None, Query(description="zeroshot (default) or kpl.")] = None,
+                 top_k: Annotated[int | None, Query(ge=1, description="How many predictions; default all.")] = None,
+                 transductive_form: Annotated[bool | None, Form(alias="transductive")] = None,
+                 transductive: Annotated[bool | None, Query(
+                     description="/classify/batch with method=kpl: fit proxies on the batch's own images.")] = None,
+                 ) -> None:
+        self.label_set = label_set_form or label_set
+        if not self.label_set:
+            raise InvalidInput("label_set is required (a form field or query parameter); GET /labels lists them")
+        self.method = method_form or method or "zeroshot"
+        self.top_k = top_k_form or top_k
+        self.transductive = bool(transductive_form if transductive_form is not None else transductive)
 
 
 class LabelSetCreate(LabelSetSpec):

@@ -1,27 +1,34 @@
 """Micro-batching: concurrent requests share one encoder forward (infinity's batch_handler, TEI's queue).
 
-Requests put preprocessed image tensors on a bounded queue and await a future. One worker task takes the
-first waiting image plus whatever else is queued (up to `max_batch_size`) and runs a single forward on a
-dedicated thread, so the event loop never blocks on torch; while a forward runs, new requests queue up and
-form the next batch. It waits (at most `max_wait_seconds`) for more only when callers announced images that
-are still being decoded (`expecting`), so a lone request never pays the wait and a batch request's images
-share forwards. A full queue refuses at once (Overloaded -> 503 + Retry-After).
+Requests put preprocessed image tensors on a queue and await a future. One worker task takes the first waiting
+image plus whatever else is queued (up to `max_batch_size`) and runs a single forward on the encoder's own thread,
+so the event loop never blocks on torch; while a forward runs, new requests queue up and form the next batch. It
+waits (at most `max_wait_seconds`) for more only when callers announced images that are still being decoded
+(`expecting`), so a lone request never pays the wait and a batch request's images share forwards.
+
+The queue is not bounded here: only images holding an admission permit (app.services.admission) reach it.
+Everything else that runs the model -- text embeddings for label sets and the description index -- goes through
+`run_sync` onto the same thread, so it never runs concurrently with an image forward. Every future is resolved:
+with its embedding, with the forward's error, with EncoderTimeout when the caller stops waiting, or with NotReady
+when the batcher stops or its task dies (then `failure` says why, and readiness turns 503).
 """
 import asyncio
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
 from app import metrics
-from app.errors import NotReady, Overloaded
+from app.errors import EncoderTimeout, NotReady
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -38,35 +45,51 @@ class _Pending:
 
 class Batcher:
     def __init__(self, encode_images: Callable[[torch.Tensor], torch.Tensor], *, max_batch_size: int,
-                 max_wait_seconds: float, max_queue_images: int) -> None:
+                 max_wait_seconds: float, timeout_seconds: float) -> None:
         self._encode_images = encode_images
         self._max_batch_size = max_batch_size
         self._max_wait_seconds = max_wait_seconds
-        self._max_queue_images = max_queue_images
+        self._timeout_seconds = timeout_seconds
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medzero-encoder")
+        self._encoder_thread: int | None = None
         self._worker: asyncio.Task | None = None
+        self._in_flight: list[_Pending] = []     # the batch whose forward runs now
         self._announced = 0          # images callers are decoding now and will submit soon
         self._arrival = asyncio.Event()
+        self._stopping = False
+        self.failure: str | None = None          # why the batching task ended, when it was not stopped
 
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._run(), name="medzero-batcher")
+        self._worker.add_done_callback(self._on_worker_done)
 
     async def stop(self) -> None:
+        """Stop batching: every queued or in-flight future is failed with NotReady; waits for the encoder thread
+        off the event loop, at most the encode timeout."""
+        self._stopping = True
         if self._worker is not None:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
-            self._worker = None
-        while not self._queue.empty():
-            pending = self._queue.get_nowait()
-            if not pending.future.done():
-                pending.future.set_exception(NotReady("server is shutting down"))
-        metrics.QUEUE_IMAGES.set(0)
-        self._executor.shutdown(wait=True)
+        self._fail_waiting(NotReady("the server is shutting down; retry on another instance or after restart"))
+        shutdown = asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+        try:
+            await asyncio.wait_for(shutdown, timeout=self._timeout_seconds)
+        except TimeoutError:
+            log.warning("the encoder thread is still busy after %.0f s; not waiting for it", self._timeout_seconds)
+
+    @property
+    def running(self) -> bool:
+        return self._worker is not None and not self._worker.done()
 
     @property
     def queued_images(self) -> int:
         return self._queue.qsize()
+
+    @property
+    def pending_images(self) -> int:
+        """Images submitted and not answered yet: queued, or in the forward that runs (or waits to run) now."""
+        return self._queue.qsize() + len(self._in_flight)
 
     @contextmanager
     def expecting(self, n_images: int = 1) -> Iterator["Announcement"]:
@@ -88,11 +111,8 @@ class Batcher:
 
     async def encode(self, pixels: torch.Tensor, announcement: "Announcement | None" = None) -> torch.Tensor:
         """One preprocessed image (3, H, W) -> its (dim,) L2-normalised embedding, batched with its neighbours."""
-        if self._worker is None or self._worker.done():
-            raise NotReady("the encoder is not running")
-        if self._queue.qsize() >= self._max_queue_images:
-            raise Overloaded(f"{self._queue.qsize()} images are already waiting for the encoder "
-                             f"(MEDZERO_MAX_QUEUE_IMAGES={self._max_queue_images}); retry shortly")
+        if not self.running:
+            raise NotReady(self.failure or "the encoder is not running")
         if announcement is not None and announcement.pending > 0:
             announcement.pending -= 1
             self._announced -= 1
@@ -100,31 +120,54 @@ class Batcher:
         self._queue.put_nowait(pending)
         self._arrival.set()
         metrics.QUEUE_IMAGES.set(self._queue.qsize())
-        return await pending.future
+        try:
+            return await asyncio.wait_for(pending.future, timeout=self._timeout_seconds)
+        except TimeoutError:
+            raise EncoderTimeout(f"the encoder did not answer within {self._timeout_seconds:g} s "
+                                 "(MEDZERO_ENCODE_TIMEOUT_SECONDS); retry shortly") from None
+
+    def run_sync(self, fn: Callable[..., T], *args: object) -> T:
+        """Run other model work (text embeddings) on the encoder thread, between forwards, from any thread but the
+        event loop's; blocks until it is done."""
+        if threading.get_ident() == self._encoder_thread:
+            return fn(*args)
+        try:
+            future = self._executor.submit(self._on_encoder_thread, fn, *args)
+        except RuntimeError:   # the executor was shut down
+            raise NotReady("the encoder is shutting down") from None
+        return future.result()
+
+    def _on_encoder_thread(self, fn: Callable[..., T], *args: object) -> T:
+        self._encoder_thread = threading.get_ident()
+        return fn(*args)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._next_batch()
+            if not batch:
+                continue
             metrics.QUEUE_IMAGES.set(self._queue.qsize())
             started = time.perf_counter()
             for pending in batch:
                 metrics.STAGE_SECONDS.labels(stage="queue").observe(started - pending.enqueued_at)
+            self._in_flight = batch
             try:
                 pixels = torch.stack([p.pixels for p in batch])
-                features = await loop.run_in_executor(self._executor, self._encode_images, pixels)
+                features = await loop.run_in_executor(self._executor, self._on_encoder_thread, self._encode_images,
+                                                      pixels)
+                if len(features) != len(batch):
+                    raise RuntimeError(f"the encoder returned {len(features)} embeddings for {len(batch)} images")
             except Exception as exc:   # a failed forward fails its requests, never the worker
                 log.exception("encoder forward failed for a batch of %d", len(batch))
-                for pending in batch:
-                    if not pending.future.done():
-                        pending.future.set_exception(exc)
+                self._in_flight = []
+                self._resolve(batch, error=exc)
                 continue
-            elapsed = time.perf_counter() - started
+            # (anything else ends the task with the batch still in flight: _on_worker_done fails it)
+            self._in_flight = []
             metrics.BATCH_SIZE.observe(len(batch))
-            metrics.STAGE_SECONDS.labels(stage="encode").observe(elapsed)
-            for pending, row in zip(batch, features):
-                if not pending.future.done():   # the client may have gone away
-                    pending.future.set_result(row)
+            metrics.STAGE_SECONDS.labels(stage="encode").observe(time.perf_counter() - started)
+            self._resolve(batch, rows=features)
 
     async def _next_batch(self) -> list[_Pending]:
         batch = [await self._queue.get()]
@@ -143,8 +186,30 @@ class Batcher:
                     await self._arrival.wait()
             except TimeoutError:
                 break
-        return batch
+        return [pending for pending in batch if not pending.future.done()]   # callers that gave up: no forward
 
-    def run_in_encoder_thread(self, fn: Callable, *args):
-        """Run other encoder work (text embeddings) on the forward thread, between batches."""
-        return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+    @staticmethod
+    def _resolve(batch: list[_Pending], *, rows: torch.Tensor | None = None, error: BaseException | None = None):
+        for i, pending in enumerate(batch):
+            if pending.future.done():      # the caller stopped waiting
+                continue
+            if error is not None:
+                pending.future.set_exception(error)
+            else:
+                pending.future.set_result(rows[i])
+
+    def _fail_waiting(self, error: Exception) -> None:
+        self._resolve(self._in_flight, error=error)
+        self._in_flight = []
+        while not self._queue.empty():
+            self._resolve([self._queue.get_nowait()], error=error)
+        metrics.QUEUE_IMAGES.set(0)
+
+    def _on_worker_done(self, task: asyncio.Task) -> None:
+        if self._stopping:
+            return
+        reason = "was cancelled" if task.cancelled() else f"died: {type(task.exception()).__name__}"
+        self.failure = f"the encoder's batching task {reason}; restart the server"
+        log.error("%s", self.failure, exc_info=None if task.cancelled() else task.exception())
+        metrics.READY.set(0)          # no image can be encoded any more: /readyz says so too (Runtime.state)
+        self._fail_waiting(NotReady(self.failure))

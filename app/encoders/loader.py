@@ -5,6 +5,7 @@ Model ids stay open_clip strings: a built-in or models/*.json name (+ `pretraine
 setting to change.
 """
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -13,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
-from open_clip.factory import parse_model_name
 import torch
 import torch.nn.functional as F
+from open_clip.factory import parse_model_name
 from PIL import Image
 
 from app.errors import ModelLoadError
@@ -26,6 +27,8 @@ log = logging.getLogger(__name__)
 _PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _HF_CONFIG_NAME = "open_clip_config.json"
 _HF_WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+_HF_TOKENIZER_NAMES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+_CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pth")   # what open_clip takes from a local-dir folder
 
 
 @dataclass
@@ -80,10 +83,14 @@ def weights_on_disk(model_name: str, pretrained: str | None, cache_dir: Path | N
     """Whether real weights for this model id can be loaded without the network (checks caches only)."""
     schema, identifier = parse_model_name(model_name)
     if schema == "local-dir":
-        return (Path(identifier) / _HF_CONFIG_NAME).is_file()
+        folder = Path(identifier)
+        return ((folder / _HF_CONFIG_NAME).is_file()
+                and any(path.suffix in _CHECKPOINT_SUFFIXES for path in folder.iterdir())
+                and _text_tower_on_disk(folder / _HF_CONFIG_NAME, tokenizer_folder=folder, cache_dir=cache_dir))
     if schema == "hf-hub":
-        return _in_hf_cache(identifier, _HF_CONFIG_NAME, cache_dir) and any(
-            _in_hf_cache(identifier, name, cache_dir) for name in _HF_WEIGHT_NAMES)
+        config = _cached_path(identifier, _HF_CONFIG_NAME, cache_dir)
+        return (config is not None and any(_in_hf_cache(identifier, name, cache_dir) for name in _HF_WEIGHT_NAMES)
+                and _text_tower_on_disk(config, tokenizer_folder=None, cache_dir=cache_dir))
     if not pretrained:
         return False
     if Path(pretrained).is_file():
@@ -93,9 +100,39 @@ def weights_on_disk(model_name: str, pretrained: str | None, cache_dir: Path | N
     return bool(hub_repo) and any(_in_hf_cache(hub_repo, name, cache_dir) for name in _HF_WEIGHT_NAMES)
 
 
+def _text_tower_on_disk(config_file: Path, tokenizer_folder: Path | None, cache_dir: Path | None) -> bool:
+    """A Hugging Face text tower (BiomedCLIP's BERT) lives in another repo, text_cfg.hf_model_name: open_clip reads
+    its config.json to build the model. The tokenizer comes from hf_tokenizer_name, or for a local-dir model from
+    the folder itself. Those files must be on disk too, or an offline load fails after all."""
+    try:
+        text_cfg = json.loads(config_file.read_text(encoding="utf-8"))["model_cfg"].get("text_cfg", {})
+    except (OSError, ValueError, KeyError, AttributeError):
+        return True                             # a broken config: loading it says what is wrong
+    needed = []
+    if text_cfg.get("hf_model_name"):
+        needed.append((text_cfg["hf_model_name"], ("config.json",)))
+    if text_cfg.get("hf_tokenizer_name"):
+        needed.append((tokenizer_folder or text_cfg["hf_tokenizer_name"], _HF_TOKENIZER_NAMES))
+    return all(any(_on_disk(str(source), name, cache_dir) for name in names) for source, names in needed)
+
+
+def _on_disk(source: str, filename: str, cache_dir: Path | None) -> bool:
+    """`source` as transformers' from_pretrained reads it: a folder, else a hub repo id."""
+    return (Path(source) / filename).is_file() if Path(source).is_dir() else _in_hf_cache(source, filename, cache_dir)
+
+
 def _in_hf_cache(repo_id: str, filename: str, cache_dir: Path | None) -> bool:
+    return _cached_path(repo_id, filename, cache_dir) is not None
+
+
+def _cached_path(repo_id: str, filename: str, cache_dir: Path | None) -> Path | None:
     from huggingface_hub import try_to_load_from_cache
-    return isinstance(try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir), str)
+    from huggingface_hub.errors import HFValidationError
+    try:
+        found = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir)
+    except HFValidationError:                   # not a repo id either: a folder that does not exist
+        return None
+    return Path(found) if isinstance(found, str) else None
 
 
 def choose_model(settings: Settings) -> tuple[str, str | None, bool]:
@@ -112,15 +149,20 @@ def choose_model(settings: Settings) -> tuple[str, str | None, bool]:
 
 
 @contextmanager
-def hub_offline(enabled: bool) -> Iterator[None]:
-    """huggingface_hub reads this flag on every request; offline, cached files are used without a round trip."""
+def hub_session(offline: bool, cache_dir: Path | None) -> Iterator[None]:
+    """huggingface_hub reads these on every request. Offline, cached files are used without a round trip. A
+    configured cache is also made the default one while loading: open_clip hands cache_dir to its own downloads
+    and the tokenizer, but its HF text tower looks config.json up in the default cache, so BiomedCLIP's BERT config
+    would be fetched into, and later looked for in, another cache than the rest of the model."""
     from huggingface_hub import constants
-    previous = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = previous or enabled
+    previous = constants.HF_HUB_OFFLINE, constants.HF_HUB_CACHE
+    constants.HF_HUB_OFFLINE = previous[0] or offline
+    if cache_dir is not None:
+        constants.HF_HUB_CACHE = str(cache_dir)
     try:
         yield
     finally:
-        constants.HF_HUB_OFFLINE = previous
+        constants.HF_HUB_OFFLINE, constants.HF_HUB_CACHE = previous
 
 
 def load_encoder(settings: Settings) -> Encoder:
@@ -136,7 +178,7 @@ def load_encoder(settings: Settings) -> Encoder:
     started = time.perf_counter()
     cache_dir = str(settings.cache_dir) if settings.cache_dir else None
     try:
-        with hub_offline(offline):
+        with hub_session(offline, settings.cache_dir):
             model, _, preprocess = open_clip.create_model_and_transforms(
                 model_name, pretrained=pretrained, device=device, precision=settings.precision,
                 cache_dir=cache_dir, require_pretrained=schema is not None or pretrained is not None)

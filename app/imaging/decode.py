@@ -5,16 +5,26 @@ the content's magic bytes, never from a file name. The pixel count is checked ag
 any pixel data is decoded, so a small file declaring a huge image (a decompression bomb) is refused
 cheaply. Every way of failing ends as a MedzeroError: empty or corrupt input -> InvalidImage, a known
 format we do not take -> UnsupportedMediaType, a DICOM we cannot render -> UnsupportedDicom, too many
-pixels -> ImageTooLarge.
+pixels -> ImageTooLarge, one side over ``max_aspect_ratio`` times the other -> ExtremeAspectRatio (open_clip
+resizes the short side to the model's input, so a 10 x 200000 strip would become gigabytes; the ratio is
+checked from the header, like the pixel count).
 
-DICOM greyscale follows the standard's display pipeline: modality LUT (rescale), then VOI LUT or the
-first window, else a robust 0.5-99.5 percentile window; MONOCHROME1 is shown inverted so that every
-radiograph reads the usual way (air dark, bone bright).
+Messages and log lines never carry what Pillow or pydicom said: their exception texts quote the file (element
+values, chunk bytes), which can be patient data. Each failure kind has a fixed message; the exception's type
+name is logged at debug level, and the exception itself stays chained for a debugger.
+
+DICOM greyscale follows the standard's display pipeline: modality LUT (rescale), then pydicom's choice of VOI
+(the VOI LUT, else the first window), else a robust 0.5-99.5 percentile window that leaves Pixel Padding
+Value pixels out (and shows them black); then the Presentation LUT. MONOCHROME1 is shown inverted so that
+every radiograph reads the usual way (air dark, bone bright).
 """
 
+import logging
 import struct
+import warnings
 from dataclasses import dataclass
 from io import BytesIO
+from typing import Literal
 
 import numpy as np
 import pydicom
@@ -24,18 +34,22 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import (
     apply_color_lut,
     apply_modality_lut,
-    apply_voi,
-    apply_windowing,
+    apply_presentation_lut,
+    apply_voi_lut,
     as_pixel_options,
     get_decoder,
 )
+from pydicom.pixels.common import PhotometricInterpretation
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from app.errors import ImageTooLarge, InvalidImage, UnsupportedDicom, UnsupportedMediaType
+from app.errors import ExtremeAspectRatio, ImageTooLarge, InvalidImage, UnsupportedDicom, UnsupportedMediaType
+
+log = logging.getLogger(__name__)
 
 ACCEPTED_FORMATS = ("png", "jpeg", "tiff", "dicom")
 _ACCEPTED_NAMES = "PNG, JPEG, TIFF or DICOM"
 _LIMIT_SETTING = "MEDZERO_MAX_IMAGE_PIXELS"
+_ASPECT_SETTING = "MEDZERO_MAX_ASPECT_RATIO"
 
 _PILLOW_SIGNATURES: tuple[tuple[bytes, str], ...] = (
     (b"\x89PNG\r\n\x1a\n", "png"),
@@ -73,7 +87,28 @@ _PYDICOM_ERRORS = (InvalidDicomError, OSError, EOFError, ValueError, KeyError, I
                    NotImplementedError, RuntimeError, OverflowError, struct.error)
 
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+# The standard's defined terms: only these are ever named back; anything else in the element is the file's text.
+_STANDARD_PHOTOMETRICS = frozenset(term.value for term in PhotometricInterpretation)
 _ROBUST_PERCENTILES = (0.5, 99.5)   # ignores burnt-in labels and collimator edges when no window is given
+_DISPLAY_LEVELS = np.arange(256, dtype=np.uint8)   # every 8-bit display value, for tabulating a presentation LUT
+_DISPLAY_LEVELS.setflags(write=False)               # shared by every decode thread
+
+
+def _withhold_decoder_logs() -> None:
+    """Keep pydicom's and Pillow's own log records from being made at all.
+
+    They quote what they parse: pydicom warns with a malformed element's value ("Invalid value for VR IS:
+    '...'"), Pillow's TIFF and PNG plugins log tag values and chunk names at debug level; any of it can be
+    patient data, and MEDZERO_LOG_LEVEL=debug would pass it on. Neither library logs at CRITICAL, so this
+    silences both; a developer who wants them lowers the level again (pydicom.config.debug() does). pydicom
+    also raises the same text as a UserWarning, which Python prints to stderr: those are ignored too.
+    """
+    for name in ("pydicom", "PIL"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
+
+
+_withhold_decoder_logs()
 
 
 @dataclass(frozen=True)
@@ -101,19 +136,20 @@ def detect_format(data: bytes) -> str:
     raise InvalidImage(f"not a recognised image; send {_ACCEPTED_NAMES}")
 
 
-def decode_image(data: bytes, *, max_pixels: int) -> DecodedImage:
-    """Decode uploaded bytes into an 8-bit RGB image, refusing more than ``max_pixels`` pixels."""
+def decode_image(data: bytes, *, max_pixels: int, max_aspect_ratio: float) -> DecodedImage:
+    """Decode uploaded bytes into an 8-bit RGB image, refusing more than ``max_pixels`` pixels and a long
+    side more than ``max_aspect_ratio`` times the short one."""
     image_format = detect_format(data)
     if image_format == "dicom":
-        image = dicom_to_image(_read_dicom(data), max_pixels=max_pixels)
+        image = dicom_to_image(_read_dicom(data), max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio)
     else:
-        image = _decode_with_pillow(data, image_format, max_pixels=max_pixels)
+        image = _decode_with_pillow(data, image_format, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio)
     return DecodedImage(image=image, format=image_format)
 
 
-def dicom_to_image(dataset: pydicom.Dataset, *, max_pixels: int) -> Image.Image:
+def dicom_to_image(dataset: pydicom.Dataset, *, max_pixels: int, max_aspect_ratio: float) -> Image.Image:
     """Render the single frame of a DICOM dataset as an 8-bit RGB image the way a viewer would show it."""
-    _check_dicom_geometry(dataset, max_pixels=max_pixels)
+    _check_dicom_geometry(dataset, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio)
     stored_pixels, photometric = _decode_dicom_pixels(dataset)
     try:
         if photometric in _MONOCHROME:
@@ -123,8 +159,11 @@ def dicom_to_image(dataset: pydicom.Dataset, *, max_pixels: int) -> Image.Image:
         if photometric == "RGB":
             return Image.fromarray(_colour_to_uint8(stored_pixels, int(dataset.BitsStored)))
     except _PYDICOM_ERRORS as exc:
-        raise UnsupportedDicom(f"cannot render {photometric} DICOM pixel data: {exc}") from exc
-    raise UnsupportedDicom(f"photometric interpretation {photometric!r} is not supported")
+        log.debug("rendering %s DICOM pixel data failed: %s", photometric, type(exc).__name__)
+        raise UnsupportedDicom(f"cannot render {photometric} DICOM pixel data") from exc
+    if photometric in _STANDARD_PHOTOMETRICS:
+        raise UnsupportedDicom(f"photometric interpretation {photometric} is not supported")
+    raise UnsupportedDicom("the DICOM photometric interpretation (0028,0004) is not a standard one")
 
 
 # --- format detection -------------------------------------------------------------------------------------
@@ -163,20 +202,21 @@ def _looks_like_bare_dicom(data: bytes) -> bool:
 # --- PNG, JPEG, TIFF --------------------------------------------------------------------------------------
 
 
-def _decode_with_pillow(data: bytes, image_format: str, *, max_pixels: int) -> Image.Image:
+def _decode_with_pillow(data: bytes, image_format: str, *, max_pixels: int, max_aspect_ratio: float) -> Image.Image:
     try:
         # `formats` pins the plugin to what the magic bytes said; Pillow must not guess another one.
         with Image.open(BytesIO(data), formats=[_PILLOW_FORMAT_NAMES[image_format]]) as opened:
             # Open is lazy: only the header is read so far. Multi-page TIFF and animated PNG: the first
             # frame is the one Pillow has open and the only one we decode, so its size is what counts.
-            _check_pixel_count(opened.width, opened.height, max_pixels=max_pixels)
+            _check_image_size(opened.width, opened.height, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio)
             opened.load()
             return _pillow_to_rgb(opened)
     # Pillow's own global limit can fire inside open() before our check; either way it is a bomb, not a 500.
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLarge(f"image refused as a decompression bomb by Pillow's own limit: {exc}") from exc
+        raise ImageTooLarge("image refused as a decompression bomb by Pillow's own size limit") from exc
     except _PILLOW_DECODE_ERRORS as exc:
-        raise InvalidImage(f"corrupt or truncated {image_format.upper()} image: {exc}") from exc
+        log.debug("Pillow could not decode a %s upload: %s", image_format.upper(), type(exc).__name__)
+        raise InvalidImage(f"corrupt or truncated {image_format.upper()} image") from exc
 
 
 def _pillow_to_rgb(image: Image.Image) -> Image.Image:
@@ -190,10 +230,17 @@ def _pillow_to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _check_pixel_count(width: int, height: int, *, max_pixels: int) -> None:
+def _check_image_size(width: int, height: int, *, max_pixels: int, max_aspect_ratio: float) -> None:
+    """Refuse, from the header's size alone, what must not be decoded or handed to the model's resize."""
+    if width <= 0 or height <= 0:
+        raise InvalidImage(f"image is {width}x{height}: a side of zero pixels leaves nothing to show")
     if width * height > max_pixels:
         raise ImageTooLarge(f"image is {width}x{height} = {width * height} pixels, over the limit of "
                             f"{max_pixels} ({_LIMIT_SETTING})")
+    aspect_ratio = max(width, height) / min(width, height)
+    if aspect_ratio > max_aspect_ratio:
+        raise ExtremeAspectRatio(f"image is {width}x{height}, an aspect ratio of {aspect_ratio:.2f} (long side / "
+                                 f"short side), over the limit of {max_aspect_ratio:g} ({_ASPECT_SETTING})")
 
 
 def _rescale_to_uint8(values: np.ndarray, *, low: float, high: float) -> np.ndarray:
@@ -211,7 +258,8 @@ def _read_dicom(data: bytes) -> Dataset:
     try:
         dataset = pydicom.dcmread(BytesIO(data), force=True)
     except _PYDICOM_ERRORS as exc:
-        raise InvalidImage(f"corrupt DICOM file: {exc}") from exc
+        log.debug("pydicom could not read a DICOM upload: %s", type(exc).__name__)
+        raise InvalidImage("corrupt DICOM file") from exc
     if not dataset.file_meta.get("TransferSyntaxUID"):
         # A bare dataset stream has no file meta; the encoding pydicom read it with is the transfer syntax.
         dataset.file_meta.TransferSyntaxUID = _transfer_syntax_from_encoding(*dataset.original_encoding)
@@ -224,7 +272,7 @@ def _transfer_syntax_from_encoding(is_implicit_vr: bool | None, is_little_endian
     return ExplicitVRLittleEndian if is_little_endian is not False else ExplicitVRBigEndian
 
 
-def _check_dicom_geometry(dataset: Dataset, *, max_pixels: int) -> None:
+def _check_dicom_geometry(dataset: Dataset, *, max_pixels: int, max_aspect_ratio: float) -> None:
     """Refuse what we cannot or must not decode, reading only header elements (never PixelData)."""
     if "PixelData" not in dataset:
         raise UnsupportedDicom("DICOM has no pixel data (7FE0,0010); send an image object, not a report")
@@ -232,11 +280,12 @@ def _check_dicom_geometry(dataset: Dataset, *, max_pixels: int) -> None:
         frame_count = int(dataset.get("NumberOfFrames") or 1)
         rows, columns = int(dataset.Rows), int(dataset.Columns)
     except _PYDICOM_ERRORS as exc:
-        raise UnsupportedDicom(f"DICOM image geometry (Rows, Columns, NumberOfFrames) is unreadable: {exc}") from exc
+        log.debug("DICOM geometry elements unreadable: %s", type(exc).__name__)
+        raise UnsupportedDicom("DICOM image geometry (Rows, Columns, NumberOfFrames) is unreadable") from exc
     # Frames first: we never decode more than one, so a multi-frame object is refused for that reason.
     if frame_count > 1:
         raise UnsupportedDicom(f"multi-frame DICOM is not supported yet (this one has {frame_count} frames)")
-    _check_pixel_count(columns, rows, max_pixels=max_pixels)
+    _check_image_size(columns, rows, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio)
 
 
 def _decode_dicom_pixels(dataset: Dataset) -> tuple[np.ndarray, str]:
@@ -250,65 +299,82 @@ def _decode_dicom_pixels(dataset: Dataset) -> tuple[np.ndarray, str]:
     if not transfer_syntax:
         raise UnsupportedDicom("DICOM has no transfer syntax UID (0002,0010), so its pixel data cannot be decoded")
     transfer_syntax = UID(transfer_syntax)
+    syntax_name = _transfer_syntax_name(transfer_syntax)
     try:
         decoder = get_decoder(transfer_syntax)
     except NotImplementedError as exc:
-        raise UnsupportedDicom(f"DICOM transfer syntax {transfer_syntax.name} is not supported") from exc
+        raise UnsupportedDicom(f"DICOM transfer syntax {syntax_name} is not supported") from exc
     if not decoder.is_available:
-        raise UnsupportedDicom(f"no decoder installed for DICOM transfer syntax {transfer_syntax.name} "
+        raise UnsupportedDicom(f"no decoder installed for DICOM transfer syntax {syntax_name} "
                                f"(missing: {', '.join(decoder.missing_dependencies) or 'a plugin'})")
     try:
         pixels, properties = decoder.as_array(dataset, index=0, **as_pixel_options(dataset))
     except _PYDICOM_ERRORS as exc:
-        raise InvalidImage(f"corrupt DICOM pixel data ({transfer_syntax.name}): {exc}") from exc
+        log.debug("decoding %s DICOM pixel data failed: %s", syntax_name, type(exc).__name__)
+        raise InvalidImage(f"corrupt DICOM pixel data ({syntax_name})") from exc
     return pixels, str(properties.get("photometric_interpretation", dataset.PhotometricInterpretation))
 
 
+def _transfer_syntax_name(transfer_syntax: UID) -> str:
+    """pydicom's name for a known UID, the dotted UID for an unknown one; never a malformed value's text."""
+    return transfer_syntax.name if transfer_syntax.is_valid else "(malformed UID)"
+
+
 def _greyscale_to_uint8(stored_pixels: np.ndarray, dataset: Dataset) -> np.ndarray:
-    """Modality LUT, then VOI, then inversion for MONOCHROME1: a (rows, columns) uint8 display image."""
+    """Modality LUT, VOI, then presentation (MONOCHROME1 inverted): a (rows, columns) uint8 display image."""
     if stored_pixels.ndim != 2:
         raise UnsupportedDicom(f"greyscale DICOM frame has shape {stored_pixels.shape}, expected (rows, columns)")
     modality_values = apply_modality_lut(stored_pixels, dataset)
-    display = _apply_voi_to_uint8(modality_values, dataset)
-    # Invert once if either attribute asks for it. In DX, MONOCHROME1 must come with PresentationLUTShape
-    # INVERSE (PS3.3 C.8.11.1.1.1); both describe the same inversion, so applying each would undo it.
-    if _is_displayed_inverted(dataset):
-        display = 255 - display
-    return display
+    display = _apply_dataset_voi(modality_values, dataset)
+    if display is not None:
+        return _apply_presentation(display, dataset)
+    # Without a VOI of its own, the window comes from the data, and padding is no part of the data: left
+    # out of the percentiles (a large padded frame would otherwise squash the anatomy into a few levels)
+    # and shown black, after any inversion.
+    padding = _padding_mask(stored_pixels, dataset)
+    display = _apply_presentation(_apply_data_window(modality_values, dataset, padding), dataset)
+    return display if padding is None else np.where(padding, np.uint8(0), display)
 
 
-def _is_displayed_inverted(dataset: Dataset) -> bool:
-    shape = str(dataset.get("PresentationLUTShape") or "").strip().upper()
-    return dataset.PhotometricInterpretation == "MONOCHROME1" or shape == "INVERSE"
-
-
-def _apply_voi_to_uint8(modality_values: np.ndarray, dataset: Dataset) -> np.ndarray:
-    """The dataset's own VOI (LUT, else first window) mapped to 0..255; without one, a robust data window."""
+def _apply_dataset_voi(modality_values: np.ndarray, dataset: Dataset) -> np.ndarray | None:
+    """The dataset's own VOI mapped to 0..255 by that VOI's output range; None without a usable one."""
     try:
-        if _has_voi_lut(dataset):
-            return _apply_voi_lut_sequence(modality_values, dataset)
-        if "WindowCenter" in dataset and "WindowWidth" in dataset:
-            return _apply_first_window(modality_values, dataset)
-    except _PYDICOM_ERRORS:
-        pass  # a malformed window (width 0, unknown VOI function) is no reason to refuse the image
-    if _is_display_ready_8bit(modality_values, dataset):
-        return modality_values.astype(np.uint8)
-    low, high = np.percentile(modality_values, _ROBUST_PERCENTILES)
-    return _rescale_to_uint8(modality_values, low=float(low), high=float(high))
+        voi_kind = _voi_kind(dataset)
+        if voi_kind == "lut":
+            # A LUT is indexed by integers. Its own output range maps to 0..255, not 2**bits - 1 from its
+            # descriptor: vendors often declare 16-bit entries holding 12-bit values, which would render nearly black.
+            voi_values = apply_voi_lut(np.rint(modality_values).astype(np.int64), dataset, index=0, prefer_lut=True)
+            low, high = _voi_lut_output_range(dataset)
+        elif voi_kind == "window":
+            voi_values = apply_voi_lut(modality_values, dataset, index=0, prefer_lut=True)
+            low, high = _window_output_range(dataset)
+        else:
+            return None
+    except _PYDICOM_ERRORS as exc:  # a malformed window (width 0, unknown VOI function) is no reason to refuse
+        log.debug("DICOM VOI unusable, windowing from the data instead: %s", type(exc).__name__)
+        return None
+    return _rescale_to_uint8(voi_values, low=low, high=high)
 
 
-def _has_voi_lut(dataset: Dataset) -> bool:
-    sequence = dataset.get("VOILUTSequence")
-    return bool(sequence) and "LUTDescriptor" in sequence[0] and "LUTData" in sequence[0]
+def _voi_kind(dataset: Dataset) -> Literal["lut", "window"] | None:
+    """Which VOI pydicom's apply_voi_lut applies to this dataset: "lut", "window" or None.
+
+    Asked of pydicom on one value rather than re-derived here (prefer_lut: the VOI LUT Sequence wins over
+    the window, as in pydicom's own pipeline): a LUT answers with its integer entries, a window in float64,
+    and without either the input comes back untouched.
+    """
+    probe = np.zeros(1, dtype=np.int64)
+    answer = apply_voi_lut(probe, dataset, index=0, prefer_lut=True)
+    if answer is probe:
+        return None
+    return "lut" if np.issubdtype(answer.dtype, np.integer) else "window"
 
 
-def _apply_voi_lut_sequence(modality_values: np.ndarray, dataset: Dataset) -> np.ndarray:
-    # The LUT's own output range maps to 0..255, not 2**bits - 1 from its descriptor: vendors often
-    # declare 16-bit entries holding 12-bit values, which would otherwise render nearly black.
+def _voi_lut_output_range(dataset: Dataset) -> tuple[float, float]:
     first_mapped, entry_count = _lut_domain(dataset.VOILUTSequence[0].LUTDescriptor)
-    lut_outputs = apply_voi(np.arange(first_mapped, first_mapped + entry_count), dataset, index=0)
-    voi_values = apply_voi(np.rint(modality_values).astype(np.int64), dataset, index=0)
-    return _rescale_to_uint8(voi_values, low=float(lut_outputs.min()), high=float(lut_outputs.max()))
+    lut_outputs = apply_voi_lut(np.arange(first_mapped, first_mapped + entry_count), dataset, index=0,
+                                prefer_lut=True)
+    return float(lut_outputs.min()), float(lut_outputs.max())
 
 
 def _lut_domain(descriptor: list[int]) -> tuple[int, int]:
@@ -316,12 +382,73 @@ def _lut_domain(descriptor: list[int]) -> tuple[int, int]:
     return first_mapped, entry_count
 
 
-def _apply_first_window(modality_values: np.ndarray, dataset: Dataset) -> np.ndarray:
+def _window_output_range(dataset: Dataset) -> tuple[float, float]:
     # pydicom's windowing outputs into a range it derives from BitsStored and the rescale; probing it at
     # -inf and +inf reads that range back instead of re-deriving it here (works for LINEAR and SIGMOID).
-    window_range = apply_windowing(np.array([-np.inf, np.inf]), dataset, index=0)
-    windowed = apply_windowing(modality_values, dataset, index=0)
-    return _rescale_to_uint8(windowed, low=float(window_range[0]), high=float(window_range[1]))
+    window_range = apply_voi_lut(np.array([-np.inf, np.inf]), dataset, index=0, prefer_lut=True)
+    return float(window_range[0]), float(window_range[1])
+
+
+def _apply_data_window(modality_values: np.ndarray, dataset: Dataset, padding: np.ndarray | None) -> np.ndarray:
+    """No VOI in the file: 8-bit data as stored, else the robust percentile window of the non-padding pixels."""
+    image_values = modality_values if padding is None else modality_values[~padding]
+    if image_values.size == 0:  # nothing but padding: nothing to show
+        return np.zeros(modality_values.shape, dtype=np.uint8)
+    if _is_display_ready_8bit(image_values, dataset):
+        return modality_values.astype(np.uint8)
+    low, high = np.percentile(image_values, _ROBUST_PERCENTILES)
+    return _rescale_to_uint8(modality_values, low=float(low), high=float(high))
+
+
+def _padding_mask(stored_pixels: np.ndarray, dataset: Dataset) -> np.ndarray | None:
+    """Where the frame holds Pixel Padding Value (0028,0120), or the inclusive range it spans with Pixel
+    Padding Range Limit (0028,0121); None without padding.
+
+    Compared on the stored values, before the modality LUT, as PS3.3 C.7.5.1.1.2 defines both attributes.
+    """
+    if "PixelPaddingValue" not in dataset:
+        return None
+    try:
+        limits = [int(dataset.PixelPaddingValue)]
+        if "PixelPaddingRangeLimit" in dataset:
+            limits.append(int(dataset.PixelPaddingRangeLimit))
+    except _PYDICOM_ERRORS as exc:  # a malformed padding value pads nothing; the image itself is fine
+        log.debug("DICOM pixel padding attributes unreadable, ignored: %s", type(exc).__name__)
+        return None
+    padding = (stored_pixels >= min(limits)) & (stored_pixels <= max(limits))
+    return padding if padding.any() else None
+
+
+def _apply_presentation(display: np.ndarray, dataset: Dataset) -> np.ndarray:
+    """MONOCHROME1's inversion, then the Presentation LUT (Sequence or Shape), on 8-bit display values."""
+    presentation = _presentation_table(dataset)
+    # PS3.3 C.7.6.3.1.2: MONOCHROME1 shows its minimum white. A presentation LUT that falls from first entry
+    # to last (INVERSE, which DX requires with MONOCHROME1) already is that inversion; doing both would undo it.
+    already_inverted = presentation is not None and presentation[0] > presentation[-1]
+    if dataset.PhotometricInterpretation == "MONOCHROME1" and not already_inverted:
+        display = 255 - display
+    return display if presentation is None else presentation[display]
+
+
+def _presentation_table(dataset: Dataset) -> np.ndarray | None:
+    """The dataset's Presentation LUT as a 256-entry uint8 table over display values; None without one.
+
+    pydicom's apply_presentation_lut scales its input by the array's own minimum and maximum (a Sequence)
+    or inverts about its maximum (INVERSE). Run once over all 256 display levels, both work on the display
+    range, not on whatever range one image happens to span.
+    """
+    try:
+        p_values = apply_presentation_lut(_DISPLAY_LEVELS, dataset)
+        if p_values is _DISPLAY_LEVELS:
+            return None
+        if "PresentationLUTSequence" in dataset:
+            # PS3.3 C.11.4.1: a Sequence's entries are P-values from 0 to 2**n - 1, n its descriptor's third value.
+            p_value_max = 2 ** int(dataset.PresentationLUTSequence[0].LUTDescriptor[2]) - 1
+            return _rescale_to_uint8(p_values, low=0.0, high=float(p_value_max))
+        return p_values.astype(np.uint8)
+    except _PYDICOM_ERRORS as exc:  # LIN OD, an unknown shape or a malformed LUT: shown as if it were absent
+        log.debug("DICOM presentation LUT unusable, ignored: %s", type(exc).__name__)
+        return None
 
 
 def _is_display_ready_8bit(modality_values: np.ndarray, dataset: Dataset) -> bool:

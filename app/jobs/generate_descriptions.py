@@ -2,36 +2,40 @@
 to knowledge_base/<NAME>.json with their provenance (source ``llm:<model>``).
 
 The label set is the registered one (the database) or, when none is registered under that name, the built-in one.
-The configured text encoder is loaded only to tell near-duplicate phrases apart. Prints nothing: the CLI prints
-the report it returns.
+The configured text encoder (the server's runtime, without the description index) tells near-duplicate phrases
+apart. Prints nothing: the CLI prints the report it returns.
 """
+import asyncio
+
 from app.domain import LabelSetSpec
-from app.encoders.loader import load_encoder
 from app.errors import LabelSetNotFound
 from app.knowledge.generate import GenerationReport, check_llm_settings, generate_descriptions
+from app.runtime import Runtime
 from app.services.builtin_label_sets import BUILTIN_LABEL_SETS
 from app.settings import Settings
-from app.storage.db import create_db_engine
 from app.storage.label_sets import LabelSetRepository
 
 
 def main(settings: Settings, label_set_name: str, n_per_class: int, *, progress: bool = True) -> GenerationReport:
-    label_set = find_label_set(settings, label_set_name)
     check_llm_settings(settings)          # a missing MEDZERO_LLM_URL is refused before the model loads
-    encoder = load_encoder(settings)
-    return generate_descriptions(settings, label_set=label_set, n_per_class=n_per_class,
-                                 encode_texts=encoder.encode_texts, progress=progress)
+    return asyncio.run(_generate(settings, label_set_name, n_per_class, progress))
 
 
-def find_label_set(settings: Settings, name: str) -> LabelSetSpec:
+async def _generate(settings: Settings, label_set_name: str, n_per_class: int, progress: bool) -> GenerationReport:
+    async with Runtime.for_job(settings, progress=progress, index="skip") as runtime:
+        label_set = find_label_set(runtime.repository, label_set_name)
+        encoder, batcher = runtime.encoder, runtime.batcher
+        return await asyncio.to_thread(
+            generate_descriptions, settings, label_set=label_set, n_per_class=n_per_class,
+            encode_texts=lambda texts: batcher.run_sync(encoder.encode_texts, texts), progress=progress)
+
+
+def find_label_set(repository: LabelSetRepository, name: str) -> LabelSetSpec:
     """The registered label set called `name`, else the built-in one; LabelSetNotFound when neither exists."""
-    engine = create_db_engine(settings.resolved_database_url)
     try:
-        return LabelSetRepository(engine).get(name)
+        return repository.get(name)
     except LabelSetNotFound:
         pass
-    finally:
-        engine.dispose()
     for spec in BUILTIN_LABEL_SETS:
         if spec.name == name:
             return spec

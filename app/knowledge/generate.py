@@ -18,17 +18,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 import httpx
 import numpy as np
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from app.domain import LabelSetSpec
+from app.domain import LabelSetSpec, modality_noun
 from app.errors import BadRequest, LLMNotConfigured, LLMUnavailable
 from app.knowledge.corpus import CorpusFile, Description, load_corpus_file, save_corpus_file
-
 from app.settings import Settings
 
 if TYPE_CHECKING:
@@ -43,14 +42,6 @@ MAX_DESCRIPTION_CHARS = 300
 MAX_DESCRIPTIONS_PER_REQUEST = 100          # one completion; more than this and models cut the list short
 NEAR_DUPLICATE_THRESHOLD = 0.95             # cosine similarity of text embeddings at or above which a phrase repeats
 ENCODE_CHUNK = 256                          # texts per encode_texts call while deduplicating
-
-# How a reader of each modality names the image; prompts say it in words, not as a slug.
-MODALITY_NAMES: dict[str, str] = {
-    "chest-xray": "chest X-ray",
-    "dermoscopy": "dermoscopy image",
-    "fundus": "color fundus photograph",
-    "breast-ultrasound": "breast ultrasound image",
-}
 
 
 # --- the client ----------------------------------------------------------------------------------------------------
@@ -77,7 +68,7 @@ class ChatClient:
                    timeout_seconds=settings.llm_timeout_seconds, max_retries=settings.llm_max_retries,
                    backoff_base_seconds=backoff_base_seconds, max_backoff_seconds=max_backoff_seconds)
 
-    def __enter__(self) -> "ChatClient":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *_exc: object) -> None:
@@ -191,8 +182,10 @@ def check_llm_settings(settings: Settings) -> None:
 # --- prompt and answer ---------------------------------------------------------------------------------------------
 
 def build_prompt(modality: str, class_term: str, n: int, sibling_terms: list[str]) -> list[dict]:
-    """System and user messages asking for `n` visual descriptions of one class, as seen on this modality."""
-    image = MODALITY_NAMES.get(modality, f"{modality.replace('-', ' ')} image")
+    """System and user messages asking for `n` visual descriptions of one class, as seen on this modality. Each is
+    asked to complete the sentence the description index embeds it in ("a chest X-ray of pneumonia, which has
+    ..."; app.knowledge.index.DESCRIPTION_PROMPT), with the modality named as there (app.domain.modality_noun)."""
+    image = modality_noun(modality)
     siblings = ", ".join(f'"{term}"' for term in sibling_terms) or "none"
     system = ("You are a medical imaging expert. You write short, precise descriptions of what findings look like "
               "in images, for a vision-language model that classifies images by comparing them with text.")
@@ -202,7 +195,8 @@ def build_prompt(modality: str, class_term: str, n: int, sibling_terms: list[str
             f'Write {n} different short descriptions of what "{class_term}" looks like on a {image}: the visual '
             "features a reader sees in the image (shape, size, location, density or colour, texture, borders, "
             "distribution).\n"
-            f'Each is a noun phrase of at most 15 words that completes the sentence "a {image} which has ...", '
+            f'Each is a noun phrase of at most 15 words that completes the sentence "a {image} of {class_term}, '
+            'which has ...", '
             "not a full sentence.\n"
             f"Describe only what is visible on a {image}: no symptoms, history, causes or treatment.\n"
             f'Prefer features that distinguish "{class_term}" from the other classes.\n\n'

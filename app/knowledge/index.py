@@ -2,9 +2,17 @@
 inner-product index (cosine: vectors are L2-normalised), saved per model id under data_dir/kb/.
 
 Descriptions come in groups, one per label set (its corpus file plus the descriptions in its own
-definition). The manifest records the model id, the prompt form, the corpus hash and a hash per group:
-at start-up a changed model or prompt rebuilds everything, a changed group is re-embedded alone, and a
-registered or updated label set updates its group without a full rebuild.
+definition). The manifest records the model id, the layout, the corpus hash and a hash per group over
+its entries and the exact prompts embedded for them: at start-up a changed model or layout rebuilds
+everything, a changed group (its descriptions, or the wording of its prompts) is re-embedded alone, and
+a registered or updated label set updates its group without a full rebuild.
+
+Layout: one `faiss.IndexFlatIP` holds every vector, once. Each label set's rows form one contiguous block
+and, inside it, each class's rows are contiguous, so a class is a row range [start, end) and a search
+restricted to it is a flat search with an `IDSelectorRange`, which FAISS scans as that range alone: its
+cost does not grow with the index. Replacing a group removes its block (later rows shift down) and
+appends the new rows at the end; the range tables shift in step. Vectors handed out (a search's evidence,
+a class's descriptions) are copies of the rows asked for.
 """
 import hashlib
 import json
@@ -22,11 +30,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from app.domain import modality_noun
+
 log = logging.getLogger(__name__)
 
-DESCRIPTION_PROMPT = "a {modality} image of {class_term}, which has {description}"
+DESCRIPTION_PROMPT = "a {image} of {class_term}, which has {description}"
 EMBED_BATCH_SIZE = 256
-_MODALITY_WORDS = {"chest-xray": "chest X-ray", "breast-ultrasound": "breast ultrasound"}
+# What the saved folder holds; a folder saved with any other layout (or none: the IndexIDMap2 with per-class
+# copies of before) is rebuilt, not read.
+INDEX_LAYOUT = "flat-ip/rows-by-class/1"
+
+RowRange = tuple[int, int]          # [start, end) rows of the flat index
 
 
 @dataclass(frozen=True)
@@ -40,8 +54,9 @@ class DescriptionItem:
     source: str                     # curated | llm:<model> | label_set
 
     def prompt(self) -> str:
-        modality = _MODALITY_WORDS.get(self.modality, self.modality.replace("-", " "))
-        return DESCRIPTION_PROMPT.format(modality=modality, class_term=self.class_term, description=self.text)
+        """What the text tower embeds: "a chest X-ray of pneumonia, which has <text>"."""
+        return DESCRIPTION_PROMPT.format(image=modality_noun(self.modality), class_term=self.class_term,
+                                         description=self.text)
 
 
 @dataclass(frozen=True)
@@ -49,40 +64,32 @@ class Retrieved:
     text: str
     source: str
     similarity: float
-    vector: np.ndarray              # (dim,), L2-normalised
+    vector: np.ndarray              # (dim,), L2-normalised; a copy, not a view of the index
 
 
 def group_hash(items: Sequence[DescriptionItem]) -> str:
-    canonical = json.dumps([asdict(item) for item in items], sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256((DESCRIPTION_PROMPT + canonical).encode()).hexdigest()
-
-
-_gpu_resources = None
-
-
-def gpu_resources():
-    """faiss-gpu's resources when the `gpu` extra is installed and a GPU is visible, else None (CPU search)."""
-    global _gpu_resources
-    if _gpu_resources is None and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
-        _gpu_resources = faiss.StandardGpuResources()
-    return _gpu_resources
+    """Covers each entry and the prompt rendered from it, so new wording re-embeds the groups it changes."""
+    canonical = json.dumps([[asdict(item), item.prompt()] for item in items], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 class DescriptionIndex:
-    """FAISS IndexIDMap2 over a flat inner-product index, plus the entries behind the ids."""
+    """The flat index, the entries in row order, and the row range of each label set and of each class.
+    Not thread-safe on its own: KnowledgeBase holds one lock around every call."""
 
     def __init__(self, model_id: str, dim: int) -> None:
         self.model_id = model_id
         self.dim = dim
-        self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-        self.items: dict[int, DescriptionItem] = {}
+        self.index = faiss.IndexFlatIP(dim)
+        self.items: list[DescriptionItem] = []                       # row i's entry
         self.group_hashes: dict[str, str] = {}
         self.corpus_hash = ""
         self.built_at = 0.0
-        self._next_id = 0
-        # per (label set, class): (ids, vectors), kept in step with every add and remove. Restricted searches
-        # run on these small matrices (faiss.knn / knn_gpu), so their cost does not grow with the whole index.
-        self._by_class: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+        self._group_rows: dict[str, RowRange] = {}                   # label set -> its block
+        self._class_rows: dict[tuple[str, str], RowRange] = {}       # (label set, class) -> its rows
+        # (label set, class) -> its range selector and search parameters, made on the class's first search (building
+        # SearchParameters costs about what the search does) and dropped when a removal moves rows; appends move none
+        self._class_search: dict[tuple[str, str], tuple[faiss.IDSelectorRange, faiss.SearchParameters]] = {}
 
     @property
     def count(self) -> int:
@@ -90,84 +97,106 @@ class DescriptionIndex:
 
     # -- writing
     def replace_group(self, name: str, items: Sequence[DescriptionItem], vectors: np.ndarray, digest: str) -> None:
+        """Drop the group's rows, append `items` with their (len(items), dim) vectors, grouped by class (classes
+        in order of first appearance, entries in their order within a class)."""
+        if any(item.label_set != name for item in items):
+            raise ValueError(f"every entry of group {name!r} must belong to label set {name!r}")
+        if len(items):
+            vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+            if vectors.shape != (len(items), self.dim):
+                raise ValueError(f"group {name!r}: {len(items)} entries but vectors of shape {vectors.shape}")
         self.remove_group(name)
         if len(items):
-            ids = np.arange(self._next_id, self._next_id + len(items), dtype=np.int64)
-            self._next_id += len(items)
-            vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-            self.index.add_with_ids(vectors, ids)
-            self.items.update(zip(ids.tolist(), items))
-            self._add_to_class_table(ids, vectors)
+            first_seen: dict[str, int] = {}
+            for item in items:
+                first_seen.setdefault(item.class_name, len(first_seen))
+            order = sorted(range(len(items)), key=lambda i: first_seen[items[i].class_name])   # stable
+            start = self.count
+            self.index.add(vectors[order])
+            self.items += [items[i] for i in order]
+            groups, classes = _row_ranges(self.items[start:], offset=start)
+            self._group_rows.update(groups)
+            self._class_rows.update(classes)
         self.group_hashes[name] = digest
 
     def remove_group(self, name: str) -> None:
-        doomed = np.array([i for i, item in self.items.items() if item.label_set == name], dtype=np.int64)
-        if len(doomed):
-            self.index.remove_ids(doomed)
-            for i in doomed.tolist():
-                del self.items[i]
         self.group_hashes.pop(name, None)
-        self._by_class = {key: value for key, value in self._by_class.items() if key[0] != name}
+        rows = self._group_rows.pop(name, None)
+        if rows is None:
+            return
+        self._class_search.clear()
+        start, end = rows
+        removed = self.index.remove_ids(faiss.IDSelectorRange(start, end))   # later rows move down, in order
+        if removed != end - start:
+            raise RuntimeError(f"FAISS removed {removed} rows of group {name!r}, expected {end - start}")
+        del self.items[start:end]
 
-    def _add_to_class_table(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        rows: dict[tuple[str, str], list[int]] = {}
-        for row, item_id in enumerate(ids.tolist()):
-            item = self.items[item_id]
-            rows.setdefault((item.label_set, item.class_name), []).append(row)
-        for key, selected in rows.items():
-            old_ids, old_vectors = self._by_class.get(key, (np.empty(0, np.int64), np.empty((0, self.dim), np.float32)))
-            self._by_class[key] = (np.concatenate([old_ids, ids[selected]]),
-                                   np.concatenate([old_vectors, vectors[selected]]))
+        def shifted(span: RowRange) -> RowRange:
+            return (span[0] - removed, span[1] - removed) if span[0] >= end else span
+
+        self._group_rows = {group: shifted(span) for group, span in self._group_rows.items()}
+        self._class_rows = {key: shifted(span) for key, span in self._class_rows.items() if key[0] != name}
 
     # -- reading
+    def class_rows(self, label_set: str, class_name: str) -> RowRange:
+        return self._class_rows.get((label_set, class_name), (0, 0))
+
     def class_ids(self, label_set: str, class_name: str) -> np.ndarray:
-        return self._by_class.get((label_set, class_name), (np.empty(0, np.int64), None))[0]
+        """Row numbers of one class's descriptions (valid until the next write)."""
+        return np.arange(*self.class_rows(label_set, class_name), dtype=np.int64)
 
     def class_vectors(self, label_set: str, class_name: str) -> tuple[np.ndarray, list[DescriptionItem]]:
-        """One class's (m, dim) description vectors and their entries."""
-        ids, vectors = self._by_class.get((label_set, class_name), (np.empty(0, np.int64), None))
-        if vectors is None:
+        """One class's (m, dim) description vectors, copied out of the index, and their entries."""
+        start, end = self.class_rows(label_set, class_name)
+        if start == end:
             return np.empty((0, self.dim), np.float32), []
-        return vectors, [self.items[int(i)] for i in ids]
+        return self.index.reconstruct_n(start, end - start), self.items[start:end]
 
     def search_class(self, queries: np.ndarray, label_set: str, class_name: str,
                      k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k descriptions of one class for each query: (similarities (n, k'), ids (n, k')), k' <= k."""
-        ids, vectors = self._by_class.get((label_set, class_name), (np.empty(0, np.int64), None))
-        k = min(k, len(ids))
-        if k == 0:
+        """Top-k descriptions of one class for each query: (similarities (n, k'), rows (n, k')), k' <= k.
+
+        Always on CPU, also when faiss-gpu is installed: a class holds tens to hundreds of rows, which the CPU scans
+        in microseconds (benchmarks/kpl.py). On a GPU each call would add a host-to-device copy, a kernel launch and
+        a synchronisation, more than the whole scan, or else need a second copy of every vector resident on the
+        device: the copy this layout exists to avoid."""
+        key = (label_set, class_name)
+        start, end = self._class_rows.get(key, (0, 0))
+        k = min(k, end - start)
+        if k <= 0:
             return np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        resources = gpu_resources()
-        if resources is not None:
-            similarities, rows = faiss.knn_gpu(resources, queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
-        else:
-            similarities, rows = faiss.knn(queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
-        return similarities, ids[rows]
+        if key not in self._class_search:
+            selector = faiss.IDSelectorRange(start, end)    # FAISS scans [start, end) only
+            self._class_search[key] = selector, faiss.SearchParameters(sel=selector)
+        return self.index.search(queries, k, params=self._class_search[key][1])
 
     def retrieve(self, queries: np.ndarray, label_set: str, class_name: str, k: int) -> list[list[Retrieved]]:
-        similarities, found = self.search_class(queries, label_set, class_name, k)
-        ids, vectors = self._by_class.get((label_set, class_name), (np.empty(0, np.int64), None))
-        row_of = {int(i): row for row, i in enumerate(ids)}
-        return [[Retrieved(self.items[int(i)].text, self.items[int(i)].source, float(s), vectors[row_of[int(i)]])
-                 for s, i in zip(row_s, row_i) if i >= 0] for row_s, row_i in zip(similarities, found)]
+        similarities, rows = self.search_class(queries, label_set, class_name, k)
+        if rows.size == 0:
+            return [[] for _ in range(len(queries))]
+        found = rows >= 0                     # all, unless a query held NaNs
+        vectors = np.zeros((*rows.shape, self.dim), np.float32)
+        vectors[found] = self.index.reconstruct_batch(rows[found])   # copies of the k found rows only
+        return [[Retrieved(self.items[r].text, self.items[r].source, float(s), v)
+                 for s, r, v in zip(row_s, row_r.tolist(), row_v) if r >= 0]
+                for row_s, row_r, row_v in zip(similarities, rows, vectors)]
 
     # -- persistence: a folder per model, written to a temp folder and renamed into place
     def manifest(self) -> dict:
-        return {"model_id": self.model_id, "dim": self.dim, "count": self.count, "prompt": DESCRIPTION_PROMPT,
-                "corpus_hash": self.corpus_hash, "groups": dict(self.group_hashes), "built_at": self.built_at,
-                "faiss_version": faiss.__version__}
+        return {"model_id": self.model_id, "dim": self.dim, "count": self.count, "layout": INDEX_LAYOUT,
+                "prompt": DESCRIPTION_PROMPT, "corpus_hash": self.corpus_hash, "groups": dict(self.group_hashes),
+                "built_at": self.built_at, "faiss_version": faiss.__version__}
 
     def save(self, directory: Path) -> None:
+        """descriptions.faiss (the flat index), items.jsonl (the entries in row order), manifest.json."""
         directory.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
         try:
             faiss.write_index(self.index, str(staging / "descriptions.faiss"))
             with open(staging / "items.jsonl", "w", encoding="utf-8") as handle:
-                for i, item in sorted(self.items.items()):
-                    handle.write(json.dumps({"id": i, **asdict(item)}, ensure_ascii=False) + "\n")
-            (staging / "manifest.json").write_text(json.dumps({**self.manifest(), "next_id": self._next_id},
-                                                              indent=2))
+                handle.writelines(json.dumps(asdict(item), ensure_ascii=False) + "\n" for item in self.items)
+            (staging / "manifest.json").write_text(json.dumps(self.manifest(), indent=2))
             retired = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old."))
             if directory.exists():
                 os.replace(directory, retired / "index")
@@ -178,24 +207,45 @@ class DescriptionIndex:
 
     @classmethod
     def load(cls, directory: Path) -> "DescriptionIndex":
+        """Raises ValueError for a folder this code did not write (another layout) or whose parts disagree."""
         manifest = json.loads((directory / "manifest.json").read_text())
+        if manifest.get("layout") != INDEX_LAYOUT:
+            raise ValueError(f"{directory}: saved with layout {manifest.get('layout')!r}, not {INDEX_LAYOUT!r}")
         loaded = cls(manifest["model_id"], manifest["dim"])
-        loaded.index = faiss.read_index(str(directory / "descriptions.faiss"))
+        index = faiss.read_index(str(directory / "descriptions.faiss"))
+        if not isinstance(index, faiss.IndexFlatIP) or index.d != loaded.dim:
+            raise ValueError(f"{directory}: descriptions.faiss is a {type(index).__name__} of dimension {index.d}, "
+                             f"not an IndexFlatIP of dimension {loaded.dim}")
+        loaded.index = index
         with open(directory / "items.jsonl", encoding="utf-8") as handle:
-            for line in handle:
-                row = json.loads(line)
-                item_id = row.pop("id")
-                loaded.items[item_id] = DescriptionItem(**row)
+            try:
+                loaded.items = [DescriptionItem(**json.loads(line)) for line in handle]
+            except TypeError as exc:
+                raise ValueError(f"{directory}: items.jsonl has entries of another form ({exc})") from exc
+        if len(loaded.items) != loaded.count:
+            raise ValueError(f"{directory}: {loaded.count} vectors but {len(loaded.items)} entries")
+        loaded._group_rows, loaded._class_rows = _row_ranges(loaded.items)   # once, here, not in a request
         loaded.group_hashes = manifest["groups"]
         loaded.corpus_hash = manifest["corpus_hash"]
         loaded.built_at = manifest["built_at"]
-        loaded._next_id = manifest["next_id"]
-        if loaded.count:   # the per-class table, once, here rather than in the first request
-            inner = faiss.downcast_index(loaded.index.index)
-            loaded._add_to_class_table(faiss.vector_to_array(loaded.index.id_map), inner.reconstruct_n(0, inner.ntotal))
-        if loaded.count != len(loaded.items) or manifest["prompt"] != DESCRIPTION_PROMPT:
-            raise ValueError(f"{directory}: index and items disagree, or the prompt form changed")
+        if not set(loaded._group_rows) <= set(loaded.group_hashes):
+            raise ValueError(f"{directory}: entries of groups the manifest does not list")
         return loaded
+
+
+def _row_ranges(items: Sequence[DescriptionItem],
+                offset: int = 0) -> tuple[dict[str, RowRange], dict[tuple[str, str], RowRange]]:
+    """The row range of each label set and of each (label set, class) in `items` (row offset + i). Raises
+    ValueError when one's rows are not contiguous."""
+    groups: dict[str, RowRange] = {}
+    classes: dict[tuple[str, str], RowRange] = {}
+    for row, item in enumerate(items, start=offset):
+        for table, key in ((groups, item.label_set), (classes, (item.label_set, item.class_name))):
+            start, end = table.get(key, (row, row))
+            if end != row:
+                raise ValueError(f"the rows of {key!r} are not contiguous (row {row})")
+            table[key] = (start, row + 1)
+    return groups, classes
 
 
 def index_dir(data_dir: Path, model_id: str) -> Path:
@@ -220,7 +270,8 @@ def sync_index(index: DescriptionIndex | None, *, model_id: str, dim: int, group
     Returns the index and the names of the groups it (re)embedded; none when everything was current."""
     if index is None or index.model_id != model_id or index.dim != dim:
         index = DescriptionIndex(model_id, dim)
-    changed = [name for name, items in groups.items() if index.group_hashes.get(name) != group_hash(items)]
+    hashes = {name: group_hash(items) for name, items in groups.items()}
+    changed = [name for name in groups if index.group_hashes.get(name) != hashes[name]]
     for name in [name for name in index.group_hashes if name not in groups]:
         index.remove_group(name)
         changed.append(name)
@@ -231,7 +282,7 @@ def sync_index(index: DescriptionIndex | None, *, model_id: str, dim: int, group
         if name not in groups:
             continue
         items = groups[name]
-        index.replace_group(name, items, vectors[offset:offset + len(items)], group_hash(items))
+        index.replace_group(name, items, vectors[offset:offset + len(items)], hashes[name])
         offset += len(items)
     if changed or index.corpus_hash != corpus_hash:
         index.corpus_hash = corpus_hash

@@ -1,9 +1,10 @@
 """KnowledgeBase: the corpus plus the loaded model's description index, kept in line with the label sets.
 
-The server holds one; `medzero kb build` uses the same code to rebuild from scratch. Reads and writes of the
-index go through one lock (an add or a remove must not run under a search). A label-set write updates its
+The server holds one; `medzero kb build` uses the same code to rebuild from scratch. Every read and write of the
+index goes through one lock (an add or a remove must not run under a search). A label-set write updates its
 group here after the store committed it; should that fail, the store stays the truth and the next start-up
-re-syncs the index.
+re-syncs the index. The knowledge base exists before the label-set service that reports those writes: until the
+first `sync` has loaded or built the index, a write is only recorded, and that sync does the work.
 """
 import logging
 import threading
@@ -32,6 +33,8 @@ class KnowledgeBase:
         self._corpora: dict[str, CorpusFile] = {}
         self._label_sets: dict[str, LabelSetSpec] = {}
         self._index: DescriptionIndex | None = None
+        self._synced = False                         # False until the first sync has loaded or built the index
+        self._removed_before_sync: set[str] = set()
 
     # -- start-up and rebuilds
     def sync(self, label_sets: Sequence[LabelSetSpec], *, rebuild: bool = False, progress: bool = False) -> list[str]:
@@ -39,7 +42,8 @@ class KnowledgeBase:
         changed; returns the groups re-embedded. Raises InvalidCorpus on a malformed corpus file."""
         with self._lock:
             self._corpora = load_corpus(self.corpus_dir)
-            self._label_sets = {spec.name: spec for spec in label_sets}
+            self._label_sets = self._merge_recorded(label_sets) if not self._synced else {
+                spec.name: spec for spec in label_sets}
             if self._index is None and not rebuild:
                 self._index = self._load_saved()
             if rebuild:
@@ -49,21 +53,41 @@ class KnowledgeBase:
                 corpus_hash=corpus_hash(self._corpora), encode_texts=self._encode_texts, progress=progress)
             if changed or not self.directory.exists():
                 self._index.save(self.directory)
+            self._synced = True
+            self._removed_before_sync.clear()
             return changed
+
+    def _merge_recorded(self, label_sets: Sequence[LabelSetSpec]) -> dict[str, LabelSetSpec]:
+        """The first sync's label sets: `label_sets`, with the writes recorded before it applied on top (a put wins
+        unless the list holds a newer version; a removal drops the name)."""
+        merged = {spec.name: spec for spec in label_sets}
+        for name in self._removed_before_sync:
+            merged.pop(name, None)
+        for name, spec in self._label_sets.items():
+            if getattr(merged.get(name), "version", 0) <= getattr(spec, "version", 0):
+                merged[name] = spec
+        return merged
 
     def put_label_set(self, spec: LabelSetSpec) -> bool:
         """A label set was registered or updated: re-embed its group if its descriptions changed. A version
-        older than the one held (two updates finishing out of order) is ignored."""
+        older than the one held (two updates finishing out of order) is ignored. Before the first sync it is only
+        recorded (no embedding, no save) and False is returned; that sync embeds it."""
         with self._lock:
             held = self._label_sets.get(spec.name)
             if getattr(held, "version", 0) > getattr(spec, "version", 0):
                 return False
             self._label_sets[spec.name] = spec
-            return self._resync()
+            self._removed_before_sync.discard(spec.name)
+            return self._resync() if self._synced else False
 
     def remove_label_set(self, name: str) -> bool:
+        """A label set was deleted: drop its own descriptions (a corpus file of that name stays indexed). Before
+        the first sync it is only recorded."""
         with self._lock:
             self._label_sets.pop(name, None)
+            if not self._synced:
+                self._removed_before_sync.add(name)
+                return False
             return self._resync()
 
     def _resync(self) -> bool:

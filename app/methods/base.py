@@ -1,7 +1,14 @@
-"""What every classification method provides, and the class head it scores against."""
+"""What every classification method provides, and the class head it scores against.
+
+Methods are pure: tensors in (image features, the label set's class head, and the state the method learned for
+it, already resolved by the service), scores out. A method that learns per label set names its `state_kind`; the
+service layer loads that state from app.storage.method_states once per request and hands it to `score`.
+"""
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Literal, Protocol
 
+import numpy as np
 import torch
 
 ProxyKind = Literal["prompts", "per-image", "fitted", "transductive"]
@@ -41,10 +48,18 @@ class Scores:
 
 class Method(Protocol):
     name: str                          # one lowercase string everywhere: API, metric label, manifest
+    state_kind: str | None             # the kind of learned state it reads (MethodStateRepository), or None
     supports_transductive: bool
 
-    def score(self, image_features: torch.Tensor, head: ClassHead, *, logit_scale: float,
+    def score(self, image_features: torch.Tensor, head: ClassHead, state: object | None, *, logit_scale: float,
               transductive: bool = False) -> Scores:
         """(n_images, dim) L2-normalised image embeddings -> per-class probabilities and similarities.
+        `state`: what the method learned for this head (None when nothing is stored or it learns nothing).
         `transductive`: the images are an unlabelled pool to adapt to before predicting them."""
+        ...
+
+
+class StatefulMethod(Method, Protocol):
+    def load_state(self, arrays: dict[str, np.ndarray], meta: dict, version: int, created_at: datetime) -> object:
+        """The stored form (arrays + JSON, as its state's `to_state` wrote them) back into the method's state."""
         ...

@@ -18,19 +18,16 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
-from typing import Annotated, Literal
+from datetime import datetime
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field, TypeAdapter, ValidationError
 
 from app.errors import InvalidInput
-from app.knowledge.index import DescriptionItem
-from app.knowledge.knowledge_base import KnowledgeBase
+from app.knowledge.index import DescriptionItem, Retrieved
 from app.methods.base import ClassEvidence, ClassHead, EvidenceItem, ProxyKind, Scores
-from app.storage.kpl_fits import EvidenceEntry, KPLFitRepository, StoredFit
 
 Balancing = Literal["reference", "sinkhorn"]
 BALANCINGS: tuple[Balancing, ...] = ("reference", "sinkhorn")
@@ -58,7 +55,7 @@ class ProxyEvidence:
 
 
 @dataclass(frozen=True)
-class KPLFit:
+class KPLSolution:
     """The result of ``fit_kpl`` on one image pool."""
     text_proxies: torch.Tensor                 # T (dim, n_classes), columns L2-normalised
     vision_proxies: torch.Tensor               # W (dim, n_classes), columns L2-normalised; predict with these
@@ -174,7 +171,7 @@ def predict(image_features: torch.Tensor, vision_proxies: torch.Tensor, tau_i: f
 
 
 def fit_kpl(image_features: torch.Tensor, class_descriptions: Sequence[torch.Tensor], config: KPLConfig = KPLConfig(),
-            *, class_prior: torch.Tensor | None = None) -> KPLFit:
+            *, class_prior: torch.Tensor | None = None) -> KPLSolution:
     """The transductive pipeline on one pool: text proxies from descriptions, balanced pseudo-labels from the
     cosine logits X·T, vision proxies fitted from T. ``class_descriptions``: per class, (m_j, d) normalised."""
     text_proxies, evidence = build_text_proxies(image_features, class_descriptions, config.top_k_descriptions)
@@ -182,26 +179,72 @@ def fit_kpl(image_features: torch.Tensor, class_descriptions: Sequence[torch.Ten
                             class_prior)
     vision_proxies = fit_vision_proxies(image_features, text_proxies, pseudo_labels, lr=config.lr,
                                         iters=config.proxy_iters, tau_i=config.tau_image, alpha=config.alpha)
-    return KPLFit(text_proxies, vision_proxies, pseudo_labels,
-                  tuple(ProxyEvidence(indices, scores) for indices, scores in evidence))
+    return KPLSolution(text_proxies, vision_proxies, pseudo_labels,
+                       tuple(ProxyEvidence(indices, scores) for indices, scores in evidence))
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The service's `kpl` method: the cores above, fed from the knowledge base and the stored fits.
+# The service's `kpl` method: the cores above, fed from a description source and a resolved fit.
 
-ClassPrior = TypeAdapter(dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)]])
+class DescriptionSource(Protocol):
+    """Where descriptions come from (app.knowledge.KnowledgeBase): per-class FAISS search and per-class vectors."""
+
+    def retrieve(self, image_features: np.ndarray, label_set: str, class_name: str, k: int) -> list[list[Retrieved]]:
+        ...
+
+    def class_descriptions(self, label_set: str, class_name: str) -> tuple[np.ndarray, list[DescriptionItem]]:
+        ...
 
 
-def parse_class_prior(text: str) -> dict[str, float]:
-    """'{"normal": 0.7, "pneumonia": 0.3}' or 'normal=0.7,pneumonia=0.3' -> {class: positive weight}."""
-    try:
-        if text.lstrip().startswith("{"):
-            return ClassPrior.validate_json(text)
-        pairs = [pair.split("=", 1) for pair in text.split(",")]
-        return ClassPrior.validate_python({name.strip(): float(weight) for name, weight in pairs})
-    except (ValidationError, ValueError) as exc:
-        raise InvalidInput(f"class_prior must map each class to a positive weight, as JSON "
-                           f'({{"normal": 0.7, ...}}) or normal=0.7,...; got {text[:100]!r}') from exc
+@dataclass(frozen=True)
+class EvidenceEntry:
+    text: str
+    source: str
+    score: float            # mean cosine to the fitting pool when the description was chosen
+
+
+@dataclass(frozen=True)
+class KPLFit:
+    """A fit of a label-set version under one model, as stored (state kind "kpl") and used for scoring."""
+    label_set: str
+    label_set_version: int
+    model_id: str
+    class_names: tuple[str, ...]
+    text_proxies: np.ndarray                   # (n_classes, dim) float32
+    vision_proxies: np.ndarray                 # (n_classes, dim) float32; predictions use these
+    evidence: tuple[tuple[EvidenceEntry, ...], ...]   # per class, the descriptions behind its text proxy
+    evidence_vectors: tuple[np.ndarray, ...]   # per class (k_c, dim): their embeddings
+    pool_size: int
+    class_balance: dict[str, float]            # share of the pool's pseudo-labels per class
+    config: dict                               # the KPLConfig it used, and the class prior
+    fit_seconds: float
+    version: int = 0                           # 1, 2, ... once stored (0: not stored, e.g. transductive)
+    created_at: datetime | None = None
+
+    def to_state(self) -> tuple[dict[str, np.ndarray], dict]:
+        """(arrays, JSON meta) for MethodStateRepository; `from_state` reads them back."""
+        dim = self.text_proxies.shape[1]
+        vectors = [v for v in self.evidence_vectors if len(v)]
+        arrays = {"text_proxies": self.text_proxies.astype(np.float32),
+                  "vision_proxies": self.vision_proxies.astype(np.float32),
+                  "evidence_vectors": (np.concatenate(vectors) if vectors else np.empty((0, dim))).astype(np.float32)}
+        meta = {"label_set": self.label_set, "label_set_version": self.label_set_version, "model_id": self.model_id,
+                "class_names": list(self.class_names),
+                "evidence": [[asdict(entry) for entry in entries] for entries in self.evidence],
+                "evidence_sizes": [len(v) for v in self.evidence_vectors], "pool_size": self.pool_size,
+                "class_balance": self.class_balance, "config": self.config, "fit_seconds": self.fit_seconds}
+        return arrays, meta
+
+    @classmethod
+    def from_state(cls, arrays: dict[str, np.ndarray], meta: dict, version: int, created_at: datetime) -> "KPLFit":
+        split_at = np.cumsum(meta["evidence_sizes"])[:-1]
+        return cls(label_set=meta["label_set"], label_set_version=meta["label_set_version"],
+                   model_id=meta["model_id"], class_names=tuple(meta["class_names"]),
+                   text_proxies=arrays["text_proxies"], vision_proxies=arrays["vision_proxies"],
+                   evidence=tuple(tuple(EvidenceEntry(**e) for e in entries) for entries in meta["evidence"]),
+                   evidence_vectors=tuple(np.split(arrays["evidence_vectors"], split_at)),
+                   pool_size=meta["pool_size"], class_balance=meta["class_balance"], config=meta["config"],
+                   fit_seconds=meta["fit_seconds"], version=version, created_at=created_at)
 
 
 def prior_vector(head: ClassHead, class_prior: dict[str, float] | None) -> torch.Tensor | None:
@@ -216,49 +259,34 @@ def prior_vector(head: ClassHead, class_prior: dict[str, float] | None) -> torch
 
 
 class KPL:
-    """method=kpl. With a stored fit for the label set's current version: softmax(X·W/τi). Without one: per
-    image, each class's proxy is the mean of its k best-fitting descriptions (FAISS, restricted to the class).
-    Transductive (a batch): the whole pipeline fitted on the batch itself. Classes without descriptions use
-    their prompt ensemble as their only 'description'."""
+    """method=kpl. With a fit for the label set's current version: softmax(X·W/τi). Without one: per image, each
+    class's proxy is the mean of its k best-fitting descriptions (FAISS, restricted to the class). Transductive (a
+    batch): the whole pipeline fitted on the batch itself. Classes without descriptions use their prompt ensemble
+    as their only 'description'."""
     name = "kpl"
+    state_kind = "kpl"
     supports_transductive = True
 
-    def __init__(self, knowledge: KnowledgeBase, fits: KPLFitRepository, config: KPLConfig) -> None:
-        self.knowledge = knowledge
-        self.fits = fits
+    def __init__(self, descriptions: DescriptionSource, config: KPLConfig) -> None:
+        self.descriptions = descriptions
         self.config = config
-        self._cached: dict[tuple[str, int, str], StoredFit] = {}
 
-    def score(self, image_features: torch.Tensor, head: ClassHead, *, logit_scale: float,
+    def load_state(self, arrays: dict[str, np.ndarray], meta: dict, version: int, created_at: datetime) -> KPLFit:
+        return KPLFit.from_state(arrays, meta, version, created_at)
+
+    def score(self, image_features: torch.Tensor, head: ClassHead, state: KPLFit | None, *, logit_scale: float,
               transductive: bool = False) -> Scores:
         if transductive:
             if len(image_features) < 2:
-                raise InvalidInput(f"a transductive batch needs at least 2 usable images; got {len(image_features)}")
-            fit = self.fit(image_features, head)
-            return self._score_with_fit(image_features, head, fit, proxy="transductive")
-        stored = self.current_fit(head)
-        if stored is not None:
-            return self._score_with_fit(image_features, head, stored, proxy="fitted")
+                raise InvalidInput(f"a transductive batch needs at least 2 images; got {len(image_features)}")
+            return self._score_with_fit(image_features, self.fit(image_features, head), proxy="transductive")
+        if state is not None:
+            return self._score_with_fit(image_features, state, proxy="fitted")
         return self._score_per_image(image_features, head, logit_scale)
 
-    def current_fit(self, head: ClassHead) -> StoredFit | None:
-        """The stored fit for this label-set version and model. The cache is checked against the fit's
-        (version, creation time): versions restart at 1 after a delete, creation times do not repeat."""
-        key = (head.label_set, head.version, head.model_id)
-        stamp = self.fits.current_stamp(*key)
-        if stamp is None:
-            self._cached.pop(key, None)
-            return None
-        cached = self._cached.get(key)
-        if cached is None or (cached.fit_version, cached.created_at) != stamp:
-            cached = self.fits.current(*key)
-            if cached is not None:
-                self._cached[key] = cached
-        return cached
-
     def fit(self, image_features: torch.Tensor, head: ClassHead,
-            class_prior: dict[str, float] | None = None) -> StoredFit:
-        """Steps 1+2 on a pool of images; the result is ready to store (fit_version 0 until stored).
+            class_prior: dict[str, float] | None = None) -> KPLFit:
+        """Text proxies, balancing and vision proxies on a pool of images (version 0 until stored).
         `class_prior`: expected class shares for the balancing (uniform when None); any positive weights."""
         started = time.perf_counter()
         prior = prior_vector(head, class_prior)
@@ -268,31 +296,29 @@ class KPL:
         evidence, evidence_vectors = [], []
         for (vectors, items), chosen in zip(descriptions, result.evidence):
             picked = chosen.indices.tolist()
-            evidence.append([EvidenceEntry(items[i].text, items[i].source, round(float(s), 6))
-                             for i, s in zip(picked, chosen.scores.tolist())])
+            evidence.append(tuple(EvidenceEntry(items[i].text, items[i].source, round(float(s), 6))
+                                  for i, s in zip(picked, chosen.scores.tolist())))
             evidence_vectors.append(vectors[picked])
         pseudo = result.pseudo_labels.argmax(dim=1).bincount(minlength=len(head.class_names)).float()
-        return StoredFit(
-            label_set=head.label_set, label_set_version=head.version, model_id=head.model_id, fit_version=0,
-            text_proxies=result.text_proxies.T.contiguous().numpy(),
-            vision_proxies=result.vision_proxies.T.contiguous().numpy(), evidence=evidence,
-            evidence_vectors=evidence_vectors, pool_size=len(image_features),
+        return KPLFit(
+            label_set=head.label_set, label_set_version=head.version, model_id=head.model_id,
+            class_names=head.class_names, text_proxies=result.text_proxies.T.contiguous().numpy(),
+            vision_proxies=result.vision_proxies.T.contiguous().numpy(), evidence=tuple(evidence),
+            evidence_vectors=tuple(evidence_vectors), pool_size=len(image_features),
+            class_balance={name: round(float(share), 6) for name, share in zip(head.class_names, pseudo / pseudo.sum())},
             config={**asdict(self.config), "class_prior": class_prior},
-            class_balance={name: round(float(share), 6)
-                           for name, share in zip(head.class_names, pseudo / pseudo.sum())},
-            fit_seconds=round(time.perf_counter() - started, 3), created_at=datetime.now(UTC))
+            fit_seconds=round(time.perf_counter() - started, 3))
 
-    def _class_descriptions(self, head: ClassHead, class_index: int) -> tuple[np.ndarray, list]:
-        vectors, items = self.knowledge.class_descriptions(head.label_set, head.class_names[class_index])
+    def _class_descriptions(self, head: ClassHead, class_index: int) -> tuple[np.ndarray, list[DescriptionItem]]:
+        vectors, items = self.descriptions.class_descriptions(head.label_set, head.class_names[class_index])
         if len(items) == 0:
+            name = head.class_names[class_index]
             prompts = head.class_weights[class_index:class_index + 1].numpy()
-            return prompts.astype(np.float32), [DescriptionItem(head.label_set, "", head.class_names[class_index],
-                                                                head.class_names[class_index],
+            return prompts.astype(np.float32), [DescriptionItem(head.label_set, "", name, name,
                                                                 "(class prompts: no descriptions)", "prompts")]
         return vectors.astype(np.float32), items
 
-    def _score_with_fit(self, image_features: torch.Tensor, head: ClassHead, fit: StoredFit,
-                        proxy: ProxyKind) -> Scores:
+    def _score_with_fit(self, image_features: torch.Tensor, fit: KPLFit, proxy: ProxyKind) -> Scores:
         vision_proxies = torch.from_numpy(fit.vision_proxies)                   # (n_classes, dim)
         similarities = image_features @ vision_proxies.T
         probabilities = predict(image_features, vision_proxies.T, self.config.tau_image)
@@ -302,7 +328,7 @@ class KPL:
                 EvidenceItem(entry.text, entry.source, round(float(vector @ x), 6))
                 for entry, vector in zip(entries, vectors)))
                 for entries, vectors in zip(fit.evidence, fit.evidence_vectors)])
-        details = {"fit_version": fit.fit_version, "pool_size": fit.pool_size, "class_balance": fit.class_balance,
+        details = {"fit_version": fit.version, "pool_size": fit.pool_size, "class_balance": fit.class_balance,
                    "fit_seconds": fit.fit_seconds, "balancing": fit.config.get("balancing")}
         return Scores(probabilities, similarities, evidence, details)
 
@@ -312,7 +338,8 @@ class KPL:
         similarities = torch.empty(n_images, n_classes)
         evidence: list[list[ClassEvidence]] = [[] for _ in range(n_images)]
         for c, class_name in enumerate(head.class_names):
-            retrieved = self.knowledge.retrieve(queries, head.label_set, class_name, self.config.top_k_descriptions)
+            retrieved = self.descriptions.retrieve(queries, head.label_set, class_name,
+                                                   self.config.top_k_descriptions)
             for i, found in enumerate(retrieved):
                 if found:
                     proxy = F.normalize(torch.from_numpy(np.mean([r.vector for r in found], axis=0)), dim=0)

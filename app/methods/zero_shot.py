@@ -22,9 +22,10 @@ def build_class_weights(encode_texts: Callable[[Sequence[str]], torch.Tensor],
 
 class ZeroShot:
     name = "zeroshot"
+    state_kind = None
     supports_transductive = False
 
-    def score(self, image_features: torch.Tensor, head: ClassHead, *, logit_scale: float,
+    def score(self, image_features: torch.Tensor, head: ClassHead, state: None = None, *, logit_scale: float,
               transductive: bool = False) -> Scores:
         similarities = image_features @ head.class_weights.T          # (n_images, n_classes)
         return Scores(probabilities=(logit_scale * similarities).softmax(dim=-1), similarities=similarities)

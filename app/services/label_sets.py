@@ -2,17 +2,19 @@
 
 Class text embeddings are computed before anything is written, then stored with the label set in one
 transaction, keyed by model id; a label set registered under another model gets its embeddings computed
-(and cached) the first time it is used under this one.
+(and cached) the first time it is used under this one. `encode_texts` runs on the encoder's own thread (the
+batcher's), so text embeddings never run concurrently with image forwards. The knowledge base's group for a
+label set follows each write, after the store committed it.
 """
 import logging
 import threading
+from collections.abc import Callable, Sequence
 from datetime import datetime
 
 import numpy as np
 import torch
 
 from app.domain import LabelSet, LabelSetSpec
-from app.encoders.loader import Encoder
 from app.errors import InvalidLabelSet, LabelSetExists
 from app.knowledge.knowledge_base import KnowledgeBase
 from app.methods.base import ClassHead
@@ -24,14 +26,22 @@ log = logging.getLogger(__name__)
 BUILTINS_INSTALLED_KEY = "builtin_label_sets_installed"
 
 
+def text_encodings(spec: LabelSetSpec) -> int:
+    """What a write of `spec` costs the text encoder: its prompt ensembles plus its own descriptions."""
+    return sum(len(prompts) for prompts in spec.class_prompts()) + sum(len(c.descriptions) for c in spec.classes)
+
+
 class LabelSetService:
-    def __init__(self, repository: LabelSetRepository, encoder: Encoder) -> None:
+    def __init__(self, repository: LabelSetRepository, *, encode_texts: Callable[[Sequence[str]], torch.Tensor],
+                 model_id: str, knowledge: KnowledgeBase, max_texts: int) -> None:
         self._repository = repository
-        self._encoder = encoder
+        self._encode_texts = encode_texts
+        self._model_id = model_id
+        self._knowledge = knowledge
+        self._max_texts = max_texts
         # name -> (created_at, head): a label set deleted and created again restarts at version 1
         self._heads: dict[str, tuple[datetime, ClassHead]] = {}
         self._lock = threading.Lock()
-        self.knowledge: KnowledgeBase | None = None   # attached once built; kept in line with label-set writes
 
     def list(self) -> list[LabelSet]:
         return self._repository.list()
@@ -40,33 +50,33 @@ class LabelSetService:
         return self._repository.get(name)
 
     def create(self, spec: LabelSetSpec, *, builtin: bool = False) -> LabelSet:
+        if not builtin:                   # the limit guards user writes; the bundled ones are known small
+            self._check_cost(spec)
         if self._repository.exists(spec.name):
             raise LabelSetExists(f"a label set named {spec.name!r} already exists; PUT /labels/{spec.name} "
                                  "replaces it")
         weights = self._embed(spec)
-        label_set = self._repository.create(spec, model_id=self._encoder.model_id,
+        label_set = self._repository.create(spec, model_id=self._model_id,
                                             class_embeddings=weights.numpy(), builtin=builtin)
         self._remember(label_set, weights)
-        if self.knowledge is not None:
-            self.knowledge.put_label_set(label_set)
+        self._knowledge.put_label_set(label_set)
         return label_set
 
     def replace(self, name: str, spec: LabelSetSpec) -> LabelSet:
         if spec.name != name:
             raise InvalidLabelSet(f"the body names label set {spec.name!r} but the path names {name!r}; "
                                   "renaming is not supported (create the new name, then delete the old)")
+        self._check_cost(spec)
         self._repository.get(name)        # 404 before spending time on embeddings
         weights = self._embed(spec)
-        label_set = self._repository.replace(spec, model_id=self._encoder.model_id, class_embeddings=weights.numpy())
+        label_set = self._repository.replace(spec, model_id=self._model_id, class_embeddings=weights.numpy())
         self._remember(label_set, weights)
-        if self.knowledge is not None:
-            self.knowledge.put_label_set(label_set)
+        self._knowledge.put_label_set(label_set)
         return label_set
 
     def delete(self, name: str) -> None:
         self._repository.delete(name)
-        if self.knowledge is not None:
-            self.knowledge.remove_label_set(name)
+        self._knowledge.remove_label_set(name)
 
     def head(self, name: str) -> ClassHead:
         """The current version's class head under the loaded model: memory, else the store, else computed."""
@@ -75,13 +85,13 @@ class LabelSetService:
             created_at, cached = self._heads.get(name, (None, None))
         if cached is not None and (created_at, cached.version) == (label_set.created_at, label_set.version):
             return cached
-        stored = self._repository.class_embeddings(name, label_set.version, self._encoder.model_id)
+        stored = self._repository.class_embeddings(name, label_set.version, self._model_id)
         if stored is not None:
             weights = torch.from_numpy(stored)
         else:
-            log.info("computing class embeddings of %s v%d for %s", name, label_set.version, self._encoder.model_id)
+            log.info("computing class embeddings of %s v%d for %s", name, label_set.version, self._model_id)
             weights = self._embed(label_set)
-            self._repository.store_class_embeddings(name, label_set.version, self._encoder.model_id, weights.numpy())
+            self._repository.store_class_embeddings(name, label_set.version, self._model_id, weights.numpy())
         return self._remember(label_set, weights)
 
     def install_builtins(self) -> None:
@@ -98,11 +108,17 @@ class LabelSetService:
         for label_set in self._repository.list():
             self.head(label_set.name)
 
+    def _check_cost(self, spec: LabelSetSpec) -> None:
+        cost = text_encodings(spec)
+        if cost > self._max_texts:
+            raise InvalidLabelSet(f"label set {spec.name!r} needs {cost} text encodings (classes x templates x names, "
+                                  f"plus prompts and descriptions); MEDZERO_MAX_LABEL_SET_TEXTS={self._max_texts}")
+
     def _embed(self, spec: LabelSetSpec) -> torch.Tensor:
-        return build_class_weights(self._encoder.encode_texts, spec.class_prompts())
+        return build_class_weights(self._encode_texts, spec.class_prompts())
 
     def _remember(self, label_set: LabelSet, weights: torch.Tensor) -> ClassHead:
-        head = ClassHead(label_set=label_set.name, version=label_set.version, model_id=self._encoder.model_id,
+        head = ClassHead(label_set=label_set.name, version=label_set.version, model_id=self._model_id,
                          class_names=tuple(c.name for c in label_set.classes),
                          class_weights=torch.as_tensor(np.asarray(weights, dtype=np.float32)))
         with self._lock:

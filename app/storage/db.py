@@ -1,15 +1,47 @@
-"""The SQLAlchemy engine and tables. SQLite under data_dir by default; any SQLAlchemy URL works."""
+"""The SQLAlchemy engine and tables. SQLite under data_dir by default; any SQLAlchemy URL works.
+
+Write transactions take the writer lock when they begin (SQLite: ``BEGIN IMMEDIATE``, SQLAlchemy's pysqlite
+recipe; elsewhere ``SELECT ... FOR UPDATE`` in the repositories), so two concurrent writers of one label set are
+serialised instead of both reading version N and both writing N+1. A writer that waits past the busy timeout gets
+StoreBusy (503 + Retry-After), never a 500.
+"""
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
-from sqlalchemy import (JSON, Boolean, DateTime, ForeignKey, Integer, LargeBinary, String, UniqueConstraint, create_engine,
-                        event)
-from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+
+from app.errors import StoreBusy
+
+WRITE_OPTION = "medzero_write"       # execution option of the engine that repositories write through
+_LOCK_MESSAGES = ("database is locked", "database table is locked", "lock timeout", "deadlock detected",
+                  "could not serialize access")
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def as_utc(moment: datetime) -> datetime:
+    """SQLite hands timestamps back without their zone; they were written in UTC."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 class Base(DeclarativeBase):
@@ -43,26 +75,21 @@ class ClassEmbeddingRow(Base):
     label_set: Mapped[LabelSetRow] = relationship(back_populates="embeddings")
 
 
-class KPLFitRow(Base):
-    """One KPL fit of a label-set version under one model: text proxies T, vision proxies W, and evidence."""
-    __tablename__ = "kpl_fits"
-    __table_args__ = (UniqueConstraint("label_set_id", "model_id", "fit_version"),)
+class MethodStateRow(Base):
+    """What a method learned for one label-set version under one model: a KPL fit (kind "kpl"), later a MedUnA
+    adapter, a few-shot support set, a calibration temperature. Arrays as an .npz blob, the rest as JSON."""
+    __tablename__ = "method_states"
+    __table_args__ = (UniqueConstraint("label_set_id", "kind", "model_id", "version"),
+                      Index("ix_method_states_lookup", "label_set_id", "kind", "model_id", "label_set_version"))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    label_set_id: Mapped[int] = mapped_column(ForeignKey("label_sets.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(32))            # the method's state kind, e.g. "kpl"
+    label_set_id: Mapped[int] = mapped_column(ForeignKey("label_sets.id", ondelete="CASCADE"))
     label_set_version: Mapped[int] = mapped_column(Integer)
     model_id: Mapped[str] = mapped_column(String(512))
-    fit_version: Mapped[int] = mapped_column(Integer)        # 1, 2, ... per label set and model
-    n_classes: Mapped[int] = mapped_column(Integer)
-    dim: Mapped[int] = mapped_column(Integer)
-    text_proxies: Mapped[bytes] = mapped_column(LargeBinary)     # (n_classes, dim) float32
-    vision_proxies: Mapped[bytes] = mapped_column(LargeBinary)   # (n_classes, dim) float32
-    evidence: Mapped[list] = mapped_column(JSON)                 # per class: [{text, source, score}]
-    evidence_vectors: Mapped[bytes] = mapped_column(LargeBinary)  # the evidence descriptions' vectors, float32
-    config: Mapped[dict] = mapped_column(JSON)
-    pool_size: Mapped[int] = mapped_column(Integer)
-    class_balance: Mapped[dict] = mapped_column(JSON)            # label -> share of the pool's pseudo-labels
-    fit_seconds: Mapped[float] = mapped_column()
+    version: Mapped[int] = mapped_column(Integer)            # 1, 2, ... per (label set, kind, model)
+    arrays: Mapped[bytes] = mapped_column(LargeBinary)       # numpy .npz, read with allow_pickle=False
+    meta: Mapped[dict] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -73,21 +100,52 @@ class MetaRow(Base):
     value: Mapped[str] = mapped_column(String(256))
 
 
-def create_db_engine(url: str) -> Engine:
+def create_db_engine(url: str, *, busy_timeout_ms: int = 5000) -> Engine:
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url, pool_pre_ping=True)
     if engine.dialect.name == "sqlite":
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", partial(_sqlite_connect, busy_timeout_ms=busy_timeout_ms))
+        event.listen(engine, "begin", _sqlite_begin)
     Base.metadata.create_all(engine)
+    from app.storage.migrations import migrate
+    migrate(engine)
     return engine
 
 
-def _sqlite_pragmas(dbapi_connection, _record) -> None:
+def session_factories(engine: Engine) -> tuple[sessionmaker, sessionmaker]:
+    """(readers, writers): writers' transactions take the write lock as they begin."""
+    return (sessionmaker(engine, expire_on_commit=False),
+            sessionmaker(engine.execution_options(**{WRITE_OPTION: True}), expire_on_commit=False))
+
+
+@contextmanager
+def write_transaction(writers: sessionmaker) -> Iterator[Session]:
+    """One write transaction, committed on success; a lock held too long by another writer becomes StoreBusy."""
+    try:
+        with writers.begin() as session:
+            yield session
+    except OperationalError as exc:
+        if any(message in str(exc.orig).lower() for message in _LOCK_MESSAGES):
+            raise StoreBusy("the database is busy with another write; retry shortly") from exc
+        raise
+
+
+def _sqlite_connect(dbapi_connection, _record, *, busy_timeout_ms: int) -> None:
+    # pysqlite would emit BEGIN itself, and only before the first INSERT/UPDATE: the reads before it ran outside
+    # the transaction (two writers both read version N). We emit BEGIN ourselves in _sqlite_begin.
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     # WAL: readers never block the writer; a crash mid-transaction leaves the last committed state.
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
     cursor.close()
+
+
+def _sqlite_begin(connection: Connection) -> None:
+    # IMMEDIATE takes the write lock now, waiting up to busy_timeout for another writer; readers stay DEFERRED
+    # so they never queue behind writes (WAL serves them the last committed state).
+    writing = connection.get_execution_options().get(WRITE_OPTION, False)
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if writing else "BEGIN")

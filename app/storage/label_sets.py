@@ -1,21 +1,20 @@
 """The label-set repository. Each write is one transaction: a label set and its embeddings change together,
-or not at all (a crash mid-write leaves the previous version intact)."""
-from datetime import UTC, datetime
-
+or not at all (a crash mid-write leaves the previous version intact). Writes are serialised (see storage.db):
+concurrent replaces of one label set each get their own version."""
 import numpy as np
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from app.domain import LabelSet, LabelSetSpec
 from app.errors import LabelSetExists, LabelSetNotFound
-from app.storage.db import ClassEmbeddingRow, LabelSetRow, MetaRow, utcnow
+from app.storage.db import ClassEmbeddingRow, LabelSetRow, MetaRow, as_utc, session_factories, utcnow, write_transaction
 
 
 class LabelSetRepository:
     def __init__(self, engine: Engine) -> None:
-        self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._sessions, self._writers = session_factories(engine)
 
     def list(self) -> list[LabelSet]:
         with self._sessions() as session:
@@ -36,7 +35,7 @@ class LabelSetRepository:
                           created_at=now, updated_at=now)
         row.embeddings.append(_embedding_row(model_id, 1, class_embeddings))
         try:
-            with self._sessions.begin() as session:
+            with write_transaction(self._writers) as session:
                 session.add(row)
         except IntegrityError as exc:   # a concurrent create of the same name won the race
             raise LabelSetExists(f"a label set named {spec.name!r} already exists") from exc
@@ -44,7 +43,7 @@ class LabelSetRepository:
 
     def replace(self, spec: LabelSetSpec, *, model_id: str, class_embeddings: np.ndarray) -> LabelSet:
         """A new version of an existing label set; embeddings of the old version (any model) are dropped."""
-        with self._sessions.begin() as session:
+        with write_transaction(self._writers) as session:
             row = self._row(session, spec.name, for_update=True)
             row.version += 1
             row.spec = spec.model_dump(mode="json")
@@ -55,7 +54,7 @@ class LabelSetRepository:
         return _to_domain(row)
 
     def delete(self, name: str) -> None:
-        with self._sessions.begin() as session:
+        with write_transaction(self._writers) as session:
             session.delete(self._row(session, name, for_update=True))
 
     def class_embeddings(self, name: str, version: int, model_id: str) -> np.ndarray | None:
@@ -70,7 +69,7 @@ class LabelSetRepository:
 
     def store_class_embeddings(self, name: str, version: int, model_id: str, class_embeddings: np.ndarray) -> bool:
         """Cache embeddings for (version, model); False if the label set moved on meanwhile (nothing stored)."""
-        with self._sessions.begin() as session:
+        with write_transaction(self._writers) as session:
             row = session.scalar(select(LabelSetRow).where(LabelSetRow.name == name).with_for_update())
             if row is None or row.version != version:
                 return False
@@ -83,7 +82,7 @@ class LabelSetRepository:
             return row.value if row else None
 
     def set_meta(self, key: str, value: str) -> None:
-        with self._sessions.begin() as session:
+        with write_transaction(self._writers) as session:
             session.merge(MetaRow(key=key, value=value))
 
     @staticmethod
@@ -104,9 +103,4 @@ def _embedding_row(model_id: str, version: int, class_embeddings: np.ndarray,
 
 def _to_domain(row: LabelSetRow) -> LabelSet:
     return LabelSet(**row.spec, version=row.version, builtin=row.builtin,
-                    created_at=_as_utc(row.created_at), updated_at=_as_utc(row.updated_at))
-
-
-def _as_utc(moment: datetime) -> datetime:
-    """SQLite hands timestamps back without their zone; they were written in UTC."""
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+                    created_at=as_utc(row.created_at), updated_at=as_utc(row.updated_at))

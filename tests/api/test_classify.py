@@ -1,5 +1,7 @@
 """/classify and /classify/batch with the real app: every input type, every refusal, batch equals single."""
 import io
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -7,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from tests.conftest import running_app, tiny_settings
+from tests.conftest import encoder_thread_held, metric, running_app, tiny_settings
 from tests.factories import jpeg_bytes, make_dicom_bytes, png_bytes, png_header_bytes, shared_data_dir, tiff_bytes
 
 LABEL_SET = "chest-xray-findings"
@@ -121,25 +123,98 @@ def test_upload_over_the_limit_is_413(tmp_path: Path) -> None:
         assert classify(client, png_bytes(width=32, height=32)).status_code == 200   # still serving
 
 
-def test_body_limit_applies_while_streaming(tmp_path: Path) -> None:
-    """No Content-Length (chunked): the limit still stops the body, it is not read whole first."""
+def test_a_body_over_the_limit_while_streaming_is_one_413_counted_once(tmp_path: Path) -> None:
+    """No Content-Length (chunked): the limit stops the body as it arrives; the multipart parser's own failure
+    (a 400) is replaced by the 413 and not counted besides it."""
     with running_app(tiny_settings(tmp_path, max_upload_bytes=10_000)) as client:
         boundary = "xyz"
         head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"label_set\"\r\n\r\n{LABEL_SET}\r\n"
                 f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a\"\r\n"
                 "Content-Type: application/octet-stream\r\n\r\n").encode()
-        sent = []
 
         def body():
             yield head
-            for _ in range(200):                       # up to 6.5 MB, if nobody stops us
-                sent.append(1)
+            for _ in range(200):
                 yield bytes(32_768)
             yield f"\r\n--{boundary}--\r\n".encode()
 
+        before = {code: metric(client, "medzero_errors_total", code=code) for code in ("payload_too_large", "http_400")}
         response = client.post("/classify", content=body(),
                                headers={"content-type": f"multipart/form-data; boundary={boundary}"})
         assert response.status_code == 413 and response.json()["error"]["code"] == "payload_too_large"
+        assert metric(client, "medzero_errors_total", code="payload_too_large") == before["payload_too_large"] + 1
+        assert metric(client, "medzero_errors_total", code="http_400") == before["http_400"]
+
+
+def test_no_permits_left_is_503_before_the_image_is_decoded(client: TestClient) -> None:
+    admission = client.app.state.runtime.admission
+    held = client.portal.call(admission.try_acquire, admission.max_images)      # every permit in flight
+    try:
+        decodes = metric(client, "medzero_stage_duration_seconds_count", stage="decode")
+        single = classify(client, png_bytes())
+        batch = client.post("/classify/batch", data={"label_set": LABEL_SET}, files=[("files", ("a", png_bytes()))])
+        for refused in (single, batch):
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "overloaded"
+            assert refused.headers["retry-after"] == "1"
+            assert "MEDZERO_MAX_IN_FLIGHT_IMAGES" in refused.json()["error"]["message"]
+        assert metric(client, "medzero_stage_duration_seconds_count", stage="decode") == decodes   # nothing decoded
+    finally:
+        client.portal.call(held.release)
+    assert classify(client, png_bytes()).status_code == 200
+    assert admission.images_in_flight == 0                                   # every request gave its permits back
+
+
+def test_a_batch_larger_than_all_permits_is_413(tmp_path: Path) -> None:
+    with running_app(tiny_settings(tmp_path, max_in_flight_images=3)) as client:
+        four = [("files", (f"{i}.png", png_bytes())) for i in range(4)]
+        refused = client.post("/classify/batch", data={"label_set": LABEL_SET}, files=four)
+        assert refused.status_code == 413 and "MEDZERO_MAX_IN_FLIGHT_IMAGES=3" in refused.json()["error"]["message"]
+        assert client.post("/classify/batch", data={"label_set": LABEL_SET}, files=four[:3]).status_code == 200
+
+
+def test_batch_bodies_are_bounded_before_they_are_read(tmp_path: Path) -> None:
+    with running_app(tiny_settings(tmp_path, max_concurrent_batch_bodies=2)) as client:
+        admission = client.app.state.runtime.admission
+        assert client.portal.call(admission.try_enter_batch_body) and client.portal.call(admission.try_enter_batch_body)
+        try:
+            files = [("files", ("a.png", png_bytes()))]
+            refused = client.post("/classify/batch", data={"label_set": LABEL_SET}, files=files)
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+            assert "MEDZERO_MAX_CONCURRENT_BATCH_BODIES" in refused.json()["error"]["message"]
+            fit = client.post("/labels/chest-xray-pneumonia/kpl", files=files)
+            assert fit.status_code == 503 and fit.json()["error"]["code"] == "overloaded"
+            assert classify(client, png_bytes()).status_code == 200               # single images are not batch bodies
+        finally:
+            client.portal.call(admission.leave_batch_body)
+            client.portal.call(admission.leave_batch_body)
+        assert client.post("/classify/batch", data={"label_set": LABEL_SET}, files=files).status_code == 200
+
+
+def test_concurrent_requests_share_encoder_forwards(client: TestClient) -> None:
+    """Requests that arrive while the encoder is busy wait in its queue and go through in one forward."""
+    batcher = client.app.state.runtime.batcher
+    with encoder_thread_held(client) as release:
+        count, single = (metric(client, "medzero_encoder_batch_size_count"),
+                         metric(client, "medzero_encoder_batch_size_bucket", le="1.0"))
+        with ThreadPoolExecutor(6) as pool:
+            answers = [pool.submit(classify, client, png_bytes(width=40 + i, height=40)) for i in range(6)]
+            deadline = time.monotonic() + 30
+            while batcher.pending_images < 6:
+                assert time.monotonic() < deadline, "the requests never reached the encoder queue"
+                time.sleep(0.01)
+            release.set()
+            assert all(answer.result().status_code == 200 for answer in answers)
+    forwards = metric(client, "medzero_encoder_batch_size_count") - count
+    assert 1 <= forwards < 6                                                # fewer forwards than requests
+    assert metric(client, "medzero_encoder_batch_size_bucket", le="1.0") - single < forwards   # one held > 1 image
+
+
+def test_an_extreme_aspect_ratio_is_refused_before_the_resize(client: TestClient) -> None:
+    strip = png_header_bytes(width=10, height=200_000)                      # 2 MP: under the pixel limit
+    response = classify(client, strip)
+    assert response.status_code == 422 and response.json()["error"]["code"] == "extreme_aspect_ratio"
+    assert "MEDZERO_MAX_ASPECT_RATIO" in response.json()["error"]["message"]
+    assert client.get("/healthz").status_code == 200
 
 
 def test_unknown_label_set_and_method(client: TestClient) -> None:

@@ -191,14 +191,41 @@ def test_a_pool_larger_than_the_queue_is_encoded_in_chunks(tmp_path: Path) -> No
         assert fitted["pool_size"] == 30 and fitted["skipped"] == []
 
 
-def test_transductive_needs_a_batch_of_usable_images(client: TestClient) -> None:
+def test_transductive_batches_are_fitted_on_all_their_images_or_refused(client: TestClient) -> None:
     single = client.post("/classify?transductive=true&method=kpl", data={"label_set": LABEL_SET},
                          files={"file": ("x.png", png_bytes())})
     assert single.status_code == 422 and "/classify/batch" in single.json()["error"]["message"]
-    one_usable = [("files", ("a.png", png_bytes())), ("files", ("b.png", b"garbage"))]
+    lone = client.post("/classify/batch?method=kpl&transductive=true", data={"label_set": LABEL_SET},
+                       files=pool(1))
+    assert lone.status_code == 422 and "at least 2 images" in lone.json()["error"]["message"]
+    with_bad_files = pool(6) + [("files", ("b.png", b"garbage")), ("files", ("c.png", png_bytes()[:50]))]
     refused = client.post("/classify/batch?method=kpl&transductive=true", data={"label_set": LABEL_SET},
-                          files=one_usable)
-    assert refused.status_code == 422 and "at least 2 usable" in refused.json()["error"]["message"]
+                          files=with_bad_files)
+    assert refused.status_code == 422, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "unusable_batch"
+    assert "2 of 8 files" in error["message"] and "b.png (invalid_image)" in error["message"]
+    assert "c.png (invalid_image)" in error["message"]
+    assert client.get(f"/labels/{LABEL_SET}/kpl").status_code == 404          # nothing fitted, nothing stored
+    # the same files without transductive: the good ones are answered, the bad ones get their own errors
+    plain = client.post("/classify/batch?method=kpl", data={"label_set": LABEL_SET}, files=with_bad_files).json()
+    assert plain["succeeded"] == 6 and plain["failed"] == 2
+
+
+def test_an_overloaded_transductive_batch_is_refused_whole(client: TestClient) -> None:
+    admission = client.app.state.runtime.admission
+    held = client.portal.call(admission.try_acquire, admission.max_images - 3)   # room for 3 of the batch's 8
+    try:
+        refused = client.post("/classify/batch?method=kpl&transductive=true", data={"label_set": LABEL_SET},
+                              files=pool(8))
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "overloaded"
+        assert refused.headers["retry-after"] == "1"
+    finally:
+        client.portal.call(held.release)
+    answered = client.post("/classify/batch?method=kpl&transductive=true", data={"label_set": LABEL_SET},
+                           files=pool(8)).json()
+    assert answered["succeeded"] == 8
+    assert answered["results"][0]["result"]["method_details"]["pool_size"] == 8
 
 
 def test_server_restart_loads_the_index_and_a_corpus_change_rebuilds_it(tmp_path: Path) -> None:

@@ -1,4 +1,8 @@
-"""/labels: lifecycle, validation, built-ins, persistence across restarts, embeddings keyed by model."""
+"""/labels: lifecycle, validation, built-ins, persistence across restarts, embeddings keyed by model, the admin
+key, the cost cap, a busy store, text embeddings on the encoder thread."""
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +12,7 @@ from fastapi.testclient import TestClient
 from app.services.builtin_label_sets import BUILTIN_LABEL_SETS
 from app.storage.db import create_db_engine
 from app.storage.label_sets import LabelSetRepository
-from tests.conftest import running_app, tiny_settings
+from tests.conftest import encoder_thread_held, running_app, tiny_settings
 
 WOUND = {"name": "wound-check", "modality": "photo", "description": "demo",
          "classes": [{"name": "healing", "synonyms": ["granulating wound"]},
@@ -137,3 +141,60 @@ def test_label_writes_wait_for_the_model(tmp_path: Path) -> None:
 def _png() -> bytes:
     from tests.factories import png_bytes
     return png_bytes(width=80, height=60)
+
+
+def test_label_set_writes_need_the_admin_key_when_one_is_set(tmp_path: Path) -> None:
+    with running_app(tiny_settings(tmp_path, admin_api_key="s3cret")) as client:
+        key = {"X-API-Key": "s3cret"}
+        for refused in (client.post("/labels", json=WOUND), client.put("/labels/ham10000", json=WOUND),
+                        client.delete("/labels/ham10000"),
+                        client.post("/labels", json=WOUND, headers={"X-API-Key": "wrong"})):
+            assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"
+        assert client.get("/labels/ham10000").status_code == 200                    # reads need no key
+        assert client.get("/labels/wound-check").status_code == 404                 # nothing was written
+        assert client.post("/labels", json=WOUND, headers=key).status_code == 201
+        assert client.put("/labels/wound-check", json=WOUND, headers=key).json()["version"] == 2
+        assert client.delete("/labels/wound-check", headers=key).status_code == 204
+
+
+def test_the_text_encoding_cost_of_one_write_is_capped(tmp_path: Path) -> None:
+    with running_app(tiny_settings(tmp_path, max_label_set_texts=40)) as client:
+        many_names = {**WOUND, "classes": [{"name": f"c{i}", "synonyms": [f"synonym {j}" for j in range(5)]}
+                                           for i in range(4)]}          # 4 classes x 2 templates x 6 names = 48
+        refused = client.post("/labels", json=many_names)
+        assert refused.status_code == 422 and refused.json()["error"]["code"] == "invalid_label_set"
+        assert "48 text encodings" in refused.json()["error"]["message"]
+        assert "MEDZERO_MAX_LABEL_SET_TEXTS=40" in refused.json()["error"]["message"]
+        assert client.get("/labels/wound-check").status_code == 404
+        assert client.post("/labels", json=WOUND).status_code == 201              # 2x2 + 2x1 + 1 prompt + 1 desc
+        assert client.put("/labels/wound-check", json=many_names).status_code == 422
+        assert client.get("/labels/wound-check").json()["version"] == 1           # the old version stays
+
+
+def test_a_write_locked_out_by_another_writer_is_503_and_nothing_is_lost(tmp_path: Path) -> None:
+    with running_app(tiny_settings(tmp_path, db_busy_timeout_ms=200)) as client:
+        assert client.post("/labels", json=WOUND).status_code == 201
+        other = sqlite3.connect(tmp_path / "medzero.db", isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")                    # e.g. a `medzero kpl fit` job writing meanwhile
+        try:
+            busy = client.put("/labels/wound-check", json={**WOUND, "description": "second"})
+            assert busy.status_code == 503 and busy.json()["error"]["code"] == "store_busy"
+            assert int(busy.headers["retry-after"]) >= 1
+            assert client.get("/labels/wound-check").json()["version"] == 1
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        retried = client.put("/labels/wound-check", json={**WOUND, "description": "second"})
+        assert retried.status_code == 200 and retried.json()["version"] == 2
+
+
+def test_label_set_text_embeddings_wait_for_the_encoder_thread(client: TestClient) -> None:
+    """Registration embeds its prompts (and its descriptions for the index) on the encoder's own thread: while
+    that thread is busy, the write waits instead of running a text forward beside an image forward."""
+    with encoder_thread_held(client) as release, ThreadPoolExecutor(1) as pool:
+        created = pool.submit(client.post, "/labels", json=WOUND)
+        time.sleep(0.5)
+        waiting = not created.done()
+        release.set()
+        assert created.result().status_code == 201
+    assert waiting, "the label set was embedded while the encoder thread was busy"

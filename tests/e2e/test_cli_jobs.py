@@ -17,7 +17,7 @@ def medzero(*args: str, env: dict) -> subprocess.CompletedProcess:
 
 
 def test_kb_build_then_kpl_fit_then_serve(tmp_path: Path) -> None:
-    env = server_env(tmp_path / "data", free_port())
+    env = server_env(tmp_path / "data", free_port(), MEDZERO_MAX_UPLOAD_BYTES="200000")
     built = medzero("kb", "build", "--no-progress", env=env)
     assert built.returncode == 0, built.stderr
     manifest = json.loads(built.stdout)
@@ -29,11 +29,14 @@ def test_kb_build_then_kpl_fit_then_serve(tmp_path: Path) -> None:
     for i in range(6):
         (images / f"{i}.png").write_bytes(png_bytes(width=40 + 9 * i, height=50))
     (images / "notes.png").write_bytes(b"not an image")
+    (images / "huge.png").write_bytes(bytes(300_000))        # over the upload limit, as it would be over HTTP
     fitted = medzero("kpl", "fit", "--label-set", "chest-xray-pneumonia", "--images", str(images),
                      "--kpl-balancing", "sinkhorn", "--class-prior", "normal=2,pneumonia=1", "--no-progress", env=env)
     assert fitted.returncode == 0, fitted.stderr
     assert "KPL fit v1 of chest-xray-pneumonia v1" in fitted.stdout and "6 images" in fitted.stdout
-    assert "balancing=sinkhorn" in fitted.stdout and "skipped 1 files" in fitted.stdout
+    assert "balancing=sinkhorn" in fitted.stdout and "skipped 2 files" in fitted.stdout
+    assert f"{images / 'huge.png'} (payload_too_large)" in fitted.stdout          # the HTTP route's errors, per file
+    assert f"{images / 'notes.png'} (invalid_image)" in fitted.stdout
 
     with running_app(tiny_settings(tmp_path / "data")) as client:
         fit = client.get("/labels/chest-xray-pneumonia/kpl").json()

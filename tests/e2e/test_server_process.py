@@ -1,43 +1,132 @@
-"""The `medzero` command as a user runs it: a real uvicorn process over real HTTP."""
+"""The `medzero` command as a user runs it: a real uvicorn process over real HTTP (and a raw socket where the
+wire itself is the point)."""
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.conftest import free_port, server_env, wait_ready
-from tests.factories import make_dicom_bytes, png_bytes
+from tests.factories import make_dicom_bytes, png_bytes, png_header_bytes
 
 pytestmark = pytest.mark.e2e
+MAX_UPLOAD_BYTES = 300_000
 
 
-def test_server_process_serves_and_drains(tmp_path: Path) -> None:
+@contextmanager
+def serving(tmp_path: Path, **env: str):
     port = free_port()
     with open(tmp_path / "server.log", "wb") as log:
-        server = subprocess.Popen([sys.executable, "-m", "app", "serve"], env=server_env(tmp_path, port),
+        server = subprocess.Popen([sys.executable, "-m", "app", "serve"], env=server_env(tmp_path, port, **env),
                                   stdout=log, stderr=subprocess.STDOUT)
         try:
-            base = wait_ready(f"http://127.0.0.1:{port}", server, timeout_seconds=120)
-            assert httpx.get(f"{base}/labels").json()["count"] == 6
-
-            def classify(i: int) -> httpx.Response:
-                data = make_dicom_bytes(photometric="MONOCHROME1") if i % 2 else png_bytes(width=50 + i, height=60)
-                return httpx.post(f"{base}/classify", data={"label_set": "chest-xray-pneumonia"},
-                                  files={"file": ("x", data)}, timeout=60)
-
-            with ThreadPoolExecutor(8) as pool:
-                responses = list(pool.map(classify, range(16)))
-            assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
-            assert {r.json()["input_format"] for r in responses} == {"png", "dicom"}
-            metrics = httpx.get(f"{base}/metrics").text
-            assert 'medzero_requests_total{endpoint="/classify",method="POST",status="200"} 16.0' in metrics
+            yield server, wait_ready(f"http://127.0.0.1:{port}", server, timeout_seconds=120), port
         finally:
+            if server.poll() is None:
+                server.kill()
+                server.wait(timeout=30)
+
+
+def peak_rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc/<pid>/status")
+
+
+def test_server_process_serves_real_http_and_stays_bounded(tmp_path: Path) -> None:
+    with serving(tmp_path, MEDZERO_MAX_UPLOAD_BYTES=str(MAX_UPLOAD_BYTES)) as (server, base, port):
+        assert httpx.get(f"{base}/labels").json()["count"] == 6
+
+        def classify(i: int) -> httpx.Response:
+            data = make_dicom_bytes(photometric="MONOCHROME1") if i % 2 else png_bytes(width=50 + i, height=60)
+            return httpx.post(f"{base}/classify", data={"label_set": "chest-xray-pneumonia"},
+                              files={"file": ("x", data)}, timeout=60)
+
+        with ThreadPoolExecutor(8) as pool:
+            responses = list(pool.map(classify, range(16)))
+        assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
+        assert {r.json()["input_format"] for r in responses} == {"png", "dicom"}
+        metrics = httpx.get(f"{base}/metrics").text
+        assert 'medzero_requests_total{endpoint="/classify",method="POST",status="200"} 16.0' in metrics
+
+        # an aspect-ratio bomb: a few KB, 2 megapixels, but 10 x 200000 -- refused before the resize allocates
+        baseline = peak_rss_bytes(server.pid)
+        strip = png_header_bytes(width=10, height=200_000)
+        refused = httpx.post(f"{base}/classify", data={"label_set": "chest-xray-pneumonia"},
+                             files={"file": ("strip.png", strip)}, timeout=60)
+        assert refused.status_code == 422 and refused.json()["error"]["code"] == "extreme_aspect_ratio"
+        assert peak_rss_bytes(server.pid) - baseline < 256 * 2**20
+        assert classify(0).status_code == 200
+
+        # a chunked upload with no Content-Length is cut off at the limit, long before the client is done
+        sent_chunks, answer = stream_until_answered(port, chunk_bytes=32_768, max_chunks=200)
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+        assert sent_chunks < 3 * MAX_UPLOAD_BYTES // 32_768
+        assert httpx.get(f"{base}/healthz").status_code == 200
+
+
+def stream_until_answered(port: int, *, chunk_bytes: int, max_chunks: int) -> tuple[int, bytes]:
+    """POST /classify as chunked multipart, one chunk at a time, until the server answers; (chunks sent, answer)."""
+    boundary = "medzero-boundary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"label_set\"\r\n\r\nchest-xray-pneumonia\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.png\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"POST /classify HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n"
+                     b"Content-Type: multipart/form-data; boundary=" + boundary.encode() + b"\r\n\r\n")
+        sock.sendall(b"%x\r\n%s\r\n" % (len(head), head))
+        sent = 0
+        for sent in range(1, max_chunks + 1):
+            try:
+                sock.sendall(b"%x\r\n%s\r\n" % (chunk_bytes, bytes(chunk_bytes)))
+            except OSError:                      # the server answered and closed while we were still sending
+                break
+            if select.select([sock], [], [], 0.05)[0]:
+                break
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+            if b"\r\n\r\n" in answer:
+                break
+        return sent, answer
+
+
+def test_sigterm_drains_the_requests_in_flight(tmp_path: Path) -> None:
+    """SIGTERM while KPL fits are running: each of them still gets its answer, then the process exits cleanly."""
+    with serving(tmp_path, MEDZERO_KPL_PROXY_ITERS="60000") as (server, base, _):
+        files = [("files", (f"{i}.png", png_bytes(width=40 + 3 * i, height=48))) for i in range(8)]
+
+        def fit(_: int) -> httpx.Response:
+            return httpx.post(f"{base}/labels/chest-xray-pneumonia/kpl", files=files, timeout=120)
+
+        with ThreadPoolExecutor(3) as pool:
+            fits = [pool.submit(fit, i) for i in range(3)]
+            deadline = time.monotonic() + 60
+            while in_progress(base) < 4:                         # the three fits and this scrape
+                assert time.monotonic() < deadline, "the fits never were in flight together"
+                assert not any(f.done() for f in fits), "a fit finished before SIGTERM; make the fits slower"
+                time.sleep(0.02)
             server.send_signal(signal.SIGTERM)
-            assert server.wait(timeout=60) in (0, -signal.SIGTERM)   # uvicorn drains, then re-raises SIGTERM
+            answers = [f.result() for f in fits]
+        assert [a.status_code for a in answers] == [201, 201, 201], [a.text for a in answers]
+        assert sorted(a.json()["fit_version"] for a in answers) == [1, 2, 3]
+        assert server.wait(timeout=60) in (0, -signal.SIGTERM)   # uvicorn drains, then re-raises SIGTERM
+
+
+def in_progress(base: str) -> float:
+    for line in httpx.get(f"{base}/metrics", timeout=10).text.splitlines():
+        if line.startswith("medzero_requests_in_progress "):
+            return float(line.split()[1])
+    return 0.0
 
 
 def test_unreachable_weights_are_one_clear_error(tmp_path: Path) -> None:

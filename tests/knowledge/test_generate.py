@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 import pytest
@@ -21,8 +22,18 @@ from app.encoders.loader import load_encoder
 from app.errors import InvalidCorpus, LabelSetNotFound
 from app.jobs import generate_descriptions as job
 from app.knowledge.corpus import CorpusFile, Description, load_corpus_file, save_corpus_file
-from app.knowledge.generate import (ChatClient, LLMNotConfigured, LLMUnavailable, build_prompt, deduplicate,
-                                    find_duplicates, generate_descriptions, parse_descriptions, retry_delay_seconds)
+from app.knowledge.generate import (
+    ChatClient,
+    LLMNotConfigured,
+    LLMUnavailable,
+    build_prompt,
+    deduplicate,
+    find_duplicates,
+    generate_descriptions,
+    parse_descriptions,
+    retry_delay_seconds,
+)
+from app.knowledge.index import DescriptionItem
 from app.settings import BUNDLED_KNOWLEDGE_BASE_DIR, Settings
 from app.storage.db import create_db_engine
 from app.storage.label_sets import LabelSetRepository
@@ -109,7 +120,7 @@ class FakeLLM:
                 return self.responder(received)
             return self.script.pop(0) if len(self.script) > 1 else self.script[0]
 
-    def __enter__(self) -> "FakeLLM":
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -125,8 +136,9 @@ def llm() -> Iterator[FakeLLM]:
 
 
 def llm_settings(tmp_path: Path, llm: FakeLLM, **overrides) -> Settings:
-    values = dict(data_dir=tmp_path, knowledge_base_dir=tmp_path / "kb", model_name=TINY_MODEL, log_level="warning",
-                  llm_url=llm.url, llm_model=MODEL, llm_api_key=API_KEY, llm_max_retries=2, llm_timeout_seconds=5)
+    values = {"data_dir": tmp_path, "knowledge_base_dir": tmp_path / "kb", "model_name": TINY_MODEL,
+              "log_level": "warning", "llm_url": llm.url, "llm_model": MODEL, "llm_api_key": API_KEY,
+              "llm_max_retries": 2, "llm_timeout_seconds": 5}
     return Settings(**{**values, **overrides})
 
 
@@ -146,15 +158,15 @@ EXPECTED = ["patchy airspace opacities in the lower lobes", "air bronchograms wi
 
 @pytest.mark.parametrize("answer", [
     '["patchy airspace opacities in the lower lobes", "air bronchograms within a dense consolidation."]',
-    '```json\n[\n  "patchy airspace opacities in the lower lobes",\n'
-    '  "air bronchograms within a dense consolidation"\n]\n```',
-    'Here are the descriptions:\n["patchy airspace opacities in the lower lobes", '
-    '"air bronchograms within a dense consolidation"]',
-    '{"descriptions": ["patchy airspace opacities in the lower lobes",\n'
-    '                  "air bronchograms within a dense consolidation"]}',
+    ('```json\n[\n  "patchy airspace opacities in the lower lobes",\n'
+     '  "air bronchograms within a dense consolidation"\n]\n```'),
+    ('Here are the descriptions:\n["patchy airspace opacities in the lower lobes", '
+     '"air bronchograms within a dense consolidation"]'),
+    ('{"descriptions": ["patchy airspace opacities in the lower lobes",\n'
+     '                  "air bronchograms within a dense consolidation"]}'),
     "1. patchy airspace opacities in the lower lobes.\n2) \"air bronchograms within a dense consolidation\"",
-    "Here are 2 descriptions of pneumonia on a chest X-ray:\n\n- Patchy airspace opacities in the lower lobes\n"
-    "* air bronchograms within a dense consolidation.\n\nI hope this helps.",
+    ("Here are 2 descriptions of pneumonia on a chest X-ray:\n\n- Patchy airspace opacities in the lower lobes\n"
+     "* air bronchograms within a dense consolidation.\n\nI hope this helps."),
     "• **patchy airspace opacities in the lower lobes**\n• 'air bronchograms within a dense consolidation'",
     "patchy airspace opacities in the lower lobes\n\nair bronchograms within a dense consolidation\n",
 ], ids=["json", "fenced", "preamble-json", "json-object", "numbered", "bullets", "bold-quoted", "plain-lines"])
@@ -175,9 +187,13 @@ def test_prompt_states_modality_class_siblings_and_count() -> None:
     user = messages[1]["content"]
     assert "dermoscopy image" in user and '"melanoma"' in user and "7" in user
     assert '"melanocytic nevus"' in user and '"dermatofibroma"' in user
-    assert "which has" in user and "JSON array" in user
+    assert "JSON array" in user
+    # the sentence each description completes is the one the description index embeds it in
+    indexed = DescriptionItem("ham10000", "dermoscopy", "mel", "melanoma", "...", "curated").prompt()
+    assert indexed == "a dermoscopy image of melanoma, which has ..." and f'"{indexed}"' in user
     unknown = build_prompt("knee-mri", "meniscal tear", 3, [])[1]["content"]
     assert "knee mri image" in unknown
+    assert "a knee mri image of meniscal tear, which has ..." in unknown
 
 
 # --- the client ----------------------------------------------------------------------------------------------------
@@ -226,9 +242,8 @@ def test_retry_delay_is_exponential_honours_retry_after_and_is_capped() -> None:
 
 def test_always_failing_endpoint_is_a_clear_error_after_all_retries(tmp_path: Path, llm: FakeLLM) -> None:
     llm.answer(Reply(500, body='{"error": {"message": "model crashed"}}'))
-    with fast_client(llm_settings(tmp_path, llm, llm_max_retries=3)) as client:
-        with pytest.raises(LLMUnavailable) as caught:
-            client.complete([{"role": "user", "content": "hi"}])
+    with fast_client(llm_settings(tmp_path, llm, llm_max_retries=3)) as client, pytest.raises(LLMUnavailable) as caught:
+        client.complete([{"role": "user", "content": "hi"}])
     assert len(llm.requests) == 4
     message = str(caught.value)
     assert llm.url in message and "MEDZERO_LLM_URL" in message and "HTTP 500" in message and "4 attempts" in message
@@ -237,9 +252,8 @@ def test_always_failing_endpoint_is_a_clear_error_after_all_retries(tmp_path: Pa
 
 def test_unauthorised_is_not_retried_and_never_shows_the_key(tmp_path: Path, llm: FakeLLM) -> None:
     llm.answer(Reply(401, body=json.dumps({"error": {"message": f"Incorrect API key provided: {API_KEY}"}})))
-    with fast_client(llm_settings(tmp_path, llm)) as client:
-        with pytest.raises(LLMUnavailable) as caught:
-            client.complete([{"role": "user", "content": "hi"}])
+    with fast_client(llm_settings(tmp_path, llm)) as client, pytest.raises(LLMUnavailable) as caught:
+        client.complete([{"role": "user", "content": "hi"}])
     assert len(llm.requests) == 1
     message = str(caught.value)
     assert "HTTP 401" in message and "MEDZERO_LLM_API_KEY" in message and llm.url in message
@@ -248,17 +262,17 @@ def test_unauthorised_is_not_retried_and_never_shows_the_key(tmp_path: Path, llm
 
 def test_unknown_model_is_not_retried(tmp_path: Path, llm: FakeLLM) -> None:
     llm.answer(Reply(400, body='{"error": {"message": "model not found"}}'))
-    with fast_client(llm_settings(tmp_path, llm)) as client:
-        with pytest.raises(LLMUnavailable, match="MEDZERO_LLM_MODEL='fake-med-llm-1'"):
-            client.complete([{"role": "user", "content": "hi"}])
+    with (fast_client(llm_settings(tmp_path, llm)) as client,
+          pytest.raises(LLMUnavailable, match="MEDZERO_LLM_MODEL='fake-med-llm-1'")):
+        client.complete([{"role": "user", "content": "hi"}])
     assert len(llm.requests) == 1
 
 
 def test_not_found_names_the_url_setting(tmp_path: Path, llm: FakeLLM) -> None:
     llm.responder = lambda _request: Reply(404, body="")
-    with fast_client(llm_settings(tmp_path, llm, llm_url=llm.url + "/chat/completions")) as client:
-        with pytest.raises(LLMUnavailable, match="without /chat/completions"):
-            client.complete([{"role": "user", "content": "hi"}])
+    with (fast_client(llm_settings(tmp_path, llm, llm_url=llm.url + "/chat/completions")) as client,
+          pytest.raises(LLMUnavailable, match="without /chat/completions")):
+        client.complete([{"role": "user", "content": "hi"}])
 
 
 @pytest.mark.parametrize(("overrides", "named"), [
@@ -478,10 +492,10 @@ def test_job_generates_for_a_builtin_label_set_end_to_end(tmp_path: Path, llm: F
 def test_job_finds_registered_label_sets_first_then_builtins(tmp_path: Path, llm: FakeLLM) -> None:
     settings = llm_settings(tmp_path, llm)
     registered = TOY.model_copy(update={"name": "chest-xray-pneumonia", "modality": "fundus"})
-    LabelSetRepository(create_db_engine(settings.resolved_database_url)).create(
-        registered, model_id="x", class_embeddings=np.zeros((2, 4), dtype=np.float32))
-    assert job.find_label_set(settings, "chest-xray-pneumonia").modality == "fundus"
-    assert job.find_label_set(settings, "ham10000").modality == "dermoscopy"
+    repository = LabelSetRepository(create_db_engine(settings.resolved_database_url))
+    repository.create(registered, model_id="x", class_embeddings=np.zeros((2, 4), dtype=np.float32))
+    assert job.find_label_set(repository, "chest-xray-pneumonia").modality == "fundus"
+    assert job.find_label_set(repository, "ham10000").modality == "dermoscopy"
     with pytest.raises(LabelSetNotFound, match="no-such-set"):
         job.main(settings, "no-such-set", 2, progress=False)
     assert llm.requests == []

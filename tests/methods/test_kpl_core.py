@@ -7,8 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from app.methods.kpl import (KPLConfig, balance, build_text_proxies, fit_kpl, fit_vision_proxies, predict,
-                             text_proxy)
+from app.methods.kpl import KPLConfig, balance, build_text_proxies, fit_kpl, fit_vision_proxies, predict, text_proxy
 from tests.factories import shared_data_dir
 
 READINGS = ("reference", "sinkhorn")

@@ -1,13 +1,19 @@
-"""Crash safety of label-set writes: a process killed mid-transaction leaves the previous version intact."""
+"""Label-set writes: a process killed mid-transaction leaves the previous version intact; concurrent writers are
+serialised, each acknowledged write its own version; a writer locked out too long is told to retry (503)."""
+import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from app.domain import LabelSetSpec
+from app.errors import StoreBusy
 from app.storage.db import create_db_engine
 from app.storage.label_sets import LabelSetRepository
 
@@ -60,3 +66,45 @@ def test_embeddings_for_a_stale_version_are_not_stored(tmp_path: Path) -> None:
     assert repository.store_class_embeddings("crash-test", 2, "other", np.ones((2, 4), np.float32))
     assert repository.class_embeddings("crash-test", 2, "other").shape == (2, 4)
     assert repository.get("crash-test").updated_at <= datetime.now(UTC)
+
+
+def test_concurrent_writers_each_get_their_own_version(tmp_path: Path) -> None:
+    """Four workers (each its own engine, as separate server processes would be) replace one label set at once:
+    every acknowledged write is a distinct version and none is lost."""
+    url = f"sqlite:///{tmp_path / 'medzero.db'}"
+    LabelSetRepository(create_db_engine(url)).create(SPEC, model_id="m", class_embeddings=np.ones((2, 4), np.float32))
+    writers, writes_each = 4, 6
+    start = threading.Barrier(writers)
+
+    def write(worker: int) -> list[int]:
+        repository = LabelSetRepository(create_db_engine(url, busy_timeout_ms=30_000))
+        start.wait()
+        versions = []
+        for i in range(writes_each):
+            spec = SPEC.model_copy(update={"description": f"worker {worker} write {i}"})
+            versions.append(repository.replace(spec, model_id="m",
+                                               class_embeddings=np.full((2, 4), worker, np.float32)).version)
+        return versions
+
+    with ThreadPoolExecutor(writers) as pool:
+        acknowledged = [v for versions in pool.map(write, range(writers)) for v in versions]
+    assert sorted(acknowledged) == list(range(2, 2 + writers * writes_each))
+    final = LabelSetRepository(create_db_engine(url)).get("crash-test")
+    assert final.version == 1 + writers * writes_each
+
+
+def test_a_writer_locked_out_past_the_busy_timeout_is_store_busy(tmp_path: Path) -> None:
+    path = tmp_path / "medzero.db"
+    repository = LabelSetRepository(create_db_engine(f"sqlite:///{path}", busy_timeout_ms=100))
+    repository.create(SPEC, model_id="m", class_embeddings=np.ones((2, 4), np.float32))
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")                          # another process holds the write lock
+    try:
+        with pytest.raises(StoreBusy) as refused:
+            repository.replace(SPEC, model_id="m", class_embeddings=np.zeros((2, 4), np.float32))
+        assert refused.value.status_code == 503 and refused.value.retry_after_seconds >= 1
+        assert repository.get("crash-test").version == 1      # reads go on meanwhile
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert repository.replace(SPEC, model_id="m", class_embeddings=np.zeros((2, 4), np.float32)).version == 2

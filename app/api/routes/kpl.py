@@ -3,13 +3,14 @@
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile, status
+from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import AdminDep, RuntimeDep, read_bounded
-from app.api.schemas import BatchItem, ErrorBody, ErrorDetail, EvidenceDescription, KPLFitPublic
-from app.errors import InvalidInput, PayloadTooLarge
-from app.methods.kpl import parse_class_prior
+from app.api.deps import AdminDep, RuntimeDep
+from app.api.schemas import BatchItem, ErrorBody, ErrorDetail, EvidenceDescription, KPLFitPublic, parse_class_prior
+from app.errors import InvalidInput
+from app.methods.kpl import KPLFit
 from app.services.kpl_fits import FitReport
-from app.storage.kpl_fits import StoredFit
+from app.services.uploads import uploaded
 
 router = APIRouter(tags=["kpl"])
 ERRORS = {code: {"model": ErrorBody} for code in (401, 404, 413, 422, 503)}
@@ -30,15 +31,9 @@ async def fit_kpl(name: str, runtime: RuntimeDep,
     if bool(files) == bool(folder):
         raise InvalidInput("send the pool as `files` (multipart) or name a server-side `folder`, not both")
     prior = parse_class_prior(class_prior) if class_prior else None
-    if folder:
-        return to_public(await service.fit_folder(name, folder, class_prior=prior))
-    payloads, too_large = [], []
-    for upload in files:
-        try:
-            payloads.append((upload.filename or "(unnamed)", await read_bounded(upload, runtime.settings.max_upload_bytes)))
-        except PayloadTooLarge as exc:
-            too_large.append((upload.filename or "(unnamed)", exc))
-    return to_public(await service.fit(name, payloads, too_large, class_prior=prior))
+    pool = (await run_in_threadpool(service.pool_folder_files, folder) if folder else
+            [uploaded(upload, upload.filename, runtime.settings.max_upload_bytes) for upload in files])
+    return to_public(await service.fit(name, pool, class_prior=prior))
 
 
 @router.get("/labels/{name}/kpl", responses=ERRORS)
@@ -62,13 +57,12 @@ def knowledge_base_status(runtime: RuntimeDep) -> dict:
 
 
 def to_public(report: FitReport) -> KPLFitPublic:
-    fit: StoredFit = report.fit
-    class_names = list(fit.class_balance)
+    fit: KPLFit = report.fit
     return KPLFitPublic(
         label_set=fit.label_set, label_set_version=fit.label_set_version, model=fit.model_id,
-        fit_version=fit.fit_version, pool_size=fit.pool_size, class_balance=fit.class_balance,
+        fit_version=fit.version, pool_size=fit.pool_size, class_balance=fit.class_balance,
         fit_seconds=fit.fit_seconds, created_at=fit.created_at, config=fit.config,
         evidence={name: [EvidenceDescription(text=e.text, source=e.source, similarity=e.score) for e in entries]
-                  for name, entries in zip(class_names, fit.evidence)},
+                  for name, entries in zip(fit.class_names, fit.evidence)},
         skipped=[BatchItem(filename=filename, error=ErrorDetail(code=exc.code, message=str(exc)))
                  for filename, exc in report.skipped])
