@@ -83,10 +83,6 @@ class Batcher:
         return self._worker is not None and not self._worker.done()
 
     @property
-    def queued_images(self) -> int:
-        return self._queue.qsize()
-
-    @property
     def pending_images(self) -> int:
         """Images submitted and not answered yet: queued, or in the forward that runs (or waits to run) now."""
         return self._queue.qsize() + len(self._in_flight)

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from PIL import Image
@@ -17,7 +18,7 @@ from app.domain import Prediction
 from app.encoders.batcher import Announcement, Batcher
 from app.errors import InvalidInput, MedzeroError, UnknownMethod, UnusableBatch
 from app.imaging.decode import decode_image
-from app.methods.base import ClassEvidence, ClassHead, Method, Scores
+from app.methods.base import ClassEvidence, ClassHead, Method, Scores, StatefulMethod
 from app.services.admission import Admission
 from app.services.label_sets import LabelSetService
 from app.services.uploads import UploadedFile
@@ -106,7 +107,8 @@ class Classifier:
         """What `method` learned for this label-set version and model (None if nothing): once per request."""
         if method.state_kind is None:
             return None
-        return await run_in_threadpool(self._states.current, state_key(method, head), method.load_state)
+        stateful = cast(StatefulMethod, method)
+        return await run_in_threadpool(self._states.current, state_key(method, head), stateful.load_state)
 
     async def classify(self, file: UploadedFile, *, label_set: str, method: str, top_k: int | None) -> Classification:
         """Classify one image. Admission, label set and method come before the image is read."""

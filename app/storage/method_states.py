@@ -5,6 +5,7 @@ support set or a calibration temperature is a new kind with its own arrays and J
 The repository also caches the decoded current state: a request checks (version, created_at) with one small query
 and decodes only when it changed (versions restart at 1 after a delete; creation times do not repeat).
 """
+import io
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +19,6 @@ from sqlalchemy.exc import IntegrityError
 
 from app.errors import LabelSetNotFound
 from app.storage.db import LabelSetRow, MethodStateRow, as_utc, session_factories, utcnow, write_transaction
-from app.storage.migrations import pack_arrays, unpack_arrays
 
 T = TypeVar("T")
 # (arrays, meta, version, created_at) -> the method's own state object
@@ -115,3 +115,13 @@ class MethodStateRepository:
                        MethodStateRow.label_set_version == key.label_set_version)
                 .order_by(MethodStateRow.version.desc()).limit(1))
 
+
+def pack_arrays(arrays: dict[str, np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **{name: np.ascontiguousarray(value) for name, value in arrays.items()})
+    return buffer.getvalue()
+
+
+def unpack_arrays(blob: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(blob), allow_pickle=False) as archive:
+        return {name: archive[name] for name in archive.files}

@@ -3,7 +3,6 @@
 - The table kpl_fits (before learned method state had one table) moves into method_states as kind "kpl",
   in the layout app.methods.kpl.KPLFit.to_state writes, then the old table is dropped; one transaction.
 """
-import io
 import json
 import logging
 
@@ -12,6 +11,7 @@ from sqlalchemy import MetaData, Table, inspect, select
 from sqlalchemy.engine import Engine
 
 from app.storage.db import WRITE_OPTION, LabelSetRow, MethodStateRow
+from app.storage.method_states import pack_arrays
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +44,6 @@ def _move_kpl_fits(engine: Engine) -> None:
                 created_at=row["created_at"]))
         legacy.drop(connection)
     log.info("moved %d KPL fits from kpl_fits into method_states", len(rows))
-
-
-def pack_arrays(arrays: dict[str, np.ndarray]) -> bytes:
-    buffer = io.BytesIO()
-    np.savez(buffer, **{name: np.ascontiguousarray(value) for name, value in arrays.items()})
-    return buffer.getvalue()
-
-
-def unpack_arrays(blob: bytes) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(blob), allow_pickle=False) as archive:
-        return {name: archive[name] for name in archive.files}
 
 
 def _json(value: object) -> object:
