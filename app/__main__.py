@@ -4,6 +4,8 @@
     medzero kb build                                         (re)build the description index for the model
     medzero kb generate --label-set NAME [-n N]              ask an LLM for more descriptions per class
     medzero kpl fit --label-set NAME --images DIR            fit KPL proxies offline; the server uses them
+    medzero eval --label-set NAME --data DIR|CSV [--url URL] measure every method on labelled images
+    medzero calibrate --label-set NAME --data DIR --method M temperature + conformal prediction sets
 """
 import argparse
 import json
@@ -17,7 +19,9 @@ from app.settings import Settings
 log = logging.getLogger("medzero")
 # arguments that steer a command rather than configure medzero (everything else maps onto a Settings field)
 COMMAND_ARGUMENTS = {"command", "kb_command", "kpl_command", "label_set", "n_per_class", "no_progress", "images",
-                     "class_prior"}
+                     "class_prior", "data", "methods", "kpl_balancings", "no_transductive", "mapping", "out", "url",
+                     "api_key", "abstain_threshold", "seed", "bootstrap", "method", "split", "coverage",
+                     "conformal_share"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +64,54 @@ def build_parser() -> argparse.ArgumentParser:
                      help="expected class shares for the balancing, e.g. normal=0.7,pneumonia=0.3 (default uniform)")
     fit.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_model_arguments(fit)
+
+    evaluate = commands.add_parser(
+        "eval", help="measure methods on labelled images: accuracy, balanced accuracy, macro-F1, AUROC, calibration "
+                     "(ECE, Brier, NLL), bootstrap intervals, abstention; writes results.json, results.md, plots")
+    add_labelled_data_arguments(evaluate)
+    evaluate.add_argument("--methods", type=comma_list, help="comma-separated (default: every method the service "
+                                                               "has), e.g. zeroshot,kpl")
+    evaluate.add_argument("--kpl-balancing", dest="kpl_balancings", type=comma_list, default=["reference", "sinkhorn"],
+                          help="balancing readings for the transductive kpl rows, side by side")
+    evaluate.add_argument("--no-transductive", action="store_true",
+                          help="no transductive rows (methods fitted on the evaluation pool itself)")
+    evaluate.add_argument("--out", type=Path, default=Path("eval-results"), help="output folder")
+    evaluate.add_argument("--url", help="measure a running server (e.g. http://127.0.0.1:8000) instead of "
+                                        "loading the model here")
+    evaluate.add_argument("--api-key", help="X-API-Key for --url, if the server needs one")
+    evaluate.add_argument("--abstain-threshold", type=float, help="top probability below which a decision is "
+                                                                  "'uncertain' (default: the label set's)")
+    evaluate.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95 %% intervals")
+    add_model_arguments(evaluate)
+
+    calibrate = commands.add_parser(
+        "calibrate", help="fit a temperature and a conformal prediction-set threshold for one method of a label "
+                          "set on labelled images; /classify then returns calibrated probabilities")
+    add_labelled_data_arguments(calibrate)
+    calibrate.add_argument("--method", required=True, help="the method to calibrate, e.g. zeroshot or kpl")
+    calibrate.add_argument("--split", type=float, default=0.5,
+                           help="share of the images used to calibrate; the rest is held back to report on")
+    calibrate.add_argument("--conformal-share", type=float, default=0.5,
+                           help="share of the calibration images for the conformal threshold (the rest fit the "
+                                "temperature)")
+    calibrate.add_argument("--coverage", type=float, default=0.9, help="target coverage of the prediction sets")
+    calibrate.add_argument("--seed", type=int, default=0, help="split seed")
+    add_model_arguments(calibrate)
     return parser
+
+
+def add_labelled_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--label-set", required=True)
+    parser.add_argument("--data", required=True, type=Path,
+                        help="labelled images: a folder with one sub-folder per class, or a CSV with path,label")
+    parser.add_argument("--map", dest="mapping", action="append", default=[], metavar="FOLDER=CLASS",
+                        help="a folder (or CSV label) name that differs from its class name; repeat or comma-separate")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def comma_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -93,6 +144,26 @@ def main(argv: list[str] | None = None) -> int:
             from app.jobs import fit_kpl
             print(render_fit(fit_kpl.main(settings, args.label_set, args.images, progress=progress,
                                           class_prior=args.class_prior)))
+        elif args.command == "eval":
+            from app.evaluation.dataset import parse_mapping
+            from app.jobs import evaluate
+            options = evaluate.EvalOptions(methods=tuple(args.methods) if args.methods else None,
+                                           kpl_balancings=tuple(args.kpl_balancings),
+                                           transductive=not args.no_transductive,
+                                           abstain_threshold=args.abstain_threshold, seed=args.seed,
+                                           n_bootstrap=args.bootstrap, progress=progress)
+            evaluate.main(settings, args.data, args.label_set, args.out, mapping=parse_mapping(args.mapping),
+                          options=options, url=args.url, api_key=args.api_key)
+            print((args.out / "results.md").read_text())
+            print(f"wrote {args.out}/results.json, results.md and plots")
+        elif args.command == "calibrate":
+            from app.evaluation.dataset import parse_mapping
+            from app.jobs import calibrate
+            from app.services.calibration import CalibrationSplit
+            report = calibrate.main(settings, args.label_set, args.data, args.method, coverage=args.coverage,
+                                    split=CalibrationSplit(args.split, args.conformal_share, args.seed),
+                                    mapping=parse_mapping(args.mapping), progress=progress)
+            print(render_calibration(report))
     except MedzeroError as exc:
         print(f"medzero {args.command}: {exc}", file=sys.stderr)
         return 1
@@ -114,6 +185,26 @@ def render_fit(report) -> str:
              "pseudo-label balance: " + ", ".join(f"{k} {v:.0%}" for k, v in fit.class_balance.items())]
     for class_name, entries in zip(fit.class_names, fit.evidence):
         lines.append(f"  {class_name}: " + "; ".join(e.text for e in entries[:3]))
+    if report.skipped:
+        lines.append(f"skipped {len(report.skipped)} files: "
+                     + ", ".join(f"{name} ({error.code})" for name, error in report.skipped[:5]))
+    return "\n".join(lines)
+
+
+def render_calibration(report) -> str:
+    c = report.calibration
+    before, after, sets = c.report["before"], c.report["after"], c.report["prediction_sets"]
+    lines = [f"calibration v{c.version} of {c.method} for {c.label_set} v{c.label_set_version} under {c.model_id}: "
+             f"temperature {c.temperature:.4f}; prediction sets for {c.coverage:.0%} coverage (LAC): classes with "
+             f"p >= {c.set_threshold:.4f}",
+             f"images: {c.images['temperature']} fit the temperature, {c.images['conformal']} the set threshold, "
+             f"{c.images['held_back']} held back",
+             "", "held-back images | ECE | NLL | Brier | accuracy", "---|--:|--:|--:|--:"]
+    for name, quality in (("before", before), ("after", after)):
+        lines.append(f"{name} | {quality['ece']:.4f} | {quality['nll']:.4f} | {quality['brier']:.4f} "
+                     f"| {quality['accuracy']:.1%}")
+    lines += ["", f"prediction sets on the held-back images: coverage {sets['coverage']:.1%} "
+                  f"(target {c.coverage:.0%}), mean size {sets['mean_size']:.2f}, empty {sets['empty']:.1%}"]
     if report.skipped:
         lines.append(f"skipped {len(report.skipped)} files: "
                      + ", ".join(f"{name} ({error.code})" for name, error in report.skipped[:5]))

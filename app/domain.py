@@ -84,6 +84,10 @@ class LabelSetSpec(BaseModel):
     classes: list[LabelClass] = Field(min_length=2, max_length=1000)
     templates: list[Phrase] | None = Field(
         None, max_length=64, description="Prompt templates with one '{}'; default: the modality's own.")
+    abstain_threshold: float | None = Field(
+        None, ge=0, le=1, allow_inf_nan=False,
+        description="Below this top probability /classify answers decision 'uncertain' (the ranked predictions "
+                    "are still returned); a request may override it. None: always decide.")
 
     @field_validator("classes")
     @classmethod

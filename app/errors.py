@@ -6,7 +6,8 @@ MedzeroError
  ├── Unauthorized (401)           admin route without the right X-API-Key
  ├── NotFound (404)
  │    ├── LabelSetNotFound
- │    └── KPLFitNotFound
+ │    ├── KPLFitNotFound
+ │    └── CalibrationNotFound      no current calibration of that method (medzero calibrate makes one)
  ├── Conflict (409)
  │    └── LabelSetExists
  ├── PayloadTooLarge (413)
@@ -64,6 +65,10 @@ class LabelSetNotFound(NotFound):
 
 class KPLFitNotFound(NotFound):
     code = "kpl_fit_not_found"
+
+
+class CalibrationNotFound(NotFound):
+    code = "calibration_not_found"
 
 
 class Conflict(MedzeroError):

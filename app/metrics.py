@@ -24,6 +24,9 @@ READY = Gauge("medzero_ready", "1 when the encoder is loaded and warm.")
 PREDICTIONS = Counter("medzero_predictions_total",
                       "Top-1 predictions by label set, label and method (built-in and allow-listed label sets by "
                       "name, every other one as 'other').", ["label_set", "label", "method"])
+DECISIONS = Counter("medzero_decisions_total",
+                    "Decisions by method: a class or 'uncertain' (abstained), and whether the method was calibrated.",
+                    ["method", "outcome", "calibrated"])
 IMAGES = Counter("medzero_images_total", "Images classified, by input format.", ["format"])
 KPL_FIT_SECONDS = Histogram("medzero_kpl_fit_duration_seconds", "Seconds per KPL proxy fit (server side).",
                             buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))

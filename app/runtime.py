@@ -26,6 +26,7 @@ from app.methods.kpl import KPL, KPLConfig
 from app.methods.zero_shot import ZeroShot
 from app.services.admission import Admission
 from app.services.builtin_label_sets import BUILTIN_LABEL_SETS
+from app.services.calibration import CalibrationService
 from app.services.classify import Classifier, ImageLimits, MetricLabelSets
 from app.services.kpl_fits import KPLFitService
 from app.services.label_sets import LabelSetService
@@ -62,6 +63,7 @@ class Core:
     knowledge: KnowledgeBase
     classifier: Classifier
     kpl_fits: KPLFitService
+    calibrations: CalibrationService
 
 
 class Runtime:
@@ -114,6 +116,10 @@ class Runtime:
     @property
     def kpl_fits(self) -> KPLFitService:
         return self._ready_core().kpl_fits
+
+    @property
+    def calibrations(self) -> CalibrationService:
+        return self._ready_core().calibrations
 
     @property
     def state(self) -> State:
@@ -199,13 +205,14 @@ class Runtime:
                                 label_sets=label_sets, states=self.states, methods=methods, admission=self.admission,
                                 decode_workers=settings.decode_workers,
                                 limits=ImageLimits(settings.max_image_pixels, settings.max_aspect_ratio),
-                                metric_label_sets=metric_label_sets(settings))
-        kpl_fits = KPLFitService(classifier, kpl, self.states, self.admission, pool_root=settings.kpl_pool_root,
+                                metric_label_sets=metric_label_sets(settings), decision_rule=settings.decision_rule,
+                                pool_chunk_images=max(1, min(256, settings.max_in_flight_images // 2)),
+                                permit_timeout_seconds=settings.encode_timeout_seconds)
+        kpl_fits = KPLFitService(classifier, kpl, self.states, pool_root=settings.kpl_pool_root,
                                  max_pool_images=settings.kpl_max_pool_images,
-                                 max_upload_bytes=settings.max_upload_bytes,
-                                 chunk_images=max(1, min(256, settings.max_in_flight_images // 2)),
-                                 permit_timeout_seconds=settings.encode_timeout_seconds)
-        return Core(encoder, batcher, label_sets, knowledge, classifier, kpl_fits)
+                                 max_upload_bytes=settings.max_upload_bytes)
+        return Core(encoder, batcher, label_sets, knowledge, classifier, kpl_fits,
+                    CalibrationService(classifier, self.states))
 
     def _fail(self, reason: str) -> None:
         self._state, self._failure = "failed", reason

@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     kpl_proxy_iters: int = Field(2000, ge=1)
     kpl_pool_root: Path | None = None          # server-side folders under this root may be fitted on
     kpl_max_pool_images: int = Field(20000, ge=2)
+    # decisions: below a label set's abstain_threshold the decision is 'uncertain'; "prediction_set" also answers
+    # 'uncertain' unless a calibrated method's prediction set is a single class
+    decision_rule: Literal["threshold", "prediction_set"] = "threshold"
     admin_api_key: str | None = None           # when set, admin routes (label-set and fit writes) need X-API-Key
 
     # metrics: label values come from closed sets; these label sets' names and classes are exported as they are

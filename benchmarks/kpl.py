@@ -1,6 +1,6 @@
-"""KPL costs and benefits: restricted FAISS retrieval per image as the index grows (the current description index
-against the previous design, time and resident memory), proxy-fit time as the pool grows, and zeroshot vs kpl
-accuracy on the labelled images in ../shared/data.
+"""KPL costs: restricted FAISS retrieval per image as the index grows (the current description index against the
+previous design, time and resident memory) and proxy-fit time as the pool grows. What KPL buys in accuracy is
+benchmarks/accuracy.py (every method on every labelled dataset, through `medzero eval`).
 
 1. retrieval: two designs, each filled through `replace_group` with the same N synthetic L2-normalised
    descriptions (many label sets of 60 descriptions per class, one of them 7 classes x 60):
@@ -14,20 +14,14 @@ accuracy on the labelled images in ../shared/data.
    previous. Resident memory: each (design, N) filled in a fresh process (spawn), VmRSS before and after;
 2. proxy fit: `fit_kpl` on synthetic pools (7 clusters + noise, 7 x 60 descriptions) with the default
    KPLConfig, both balancing readings; when a full fit would take more than half of --max-fit-seconds,
-   fewer proxy iterations are timed and the fit is extrapolated per iteration (the table says so);
-3. accuracy: the configured model loaded by `load_core` as the server loads it (temporary data dir, so no
-   stored fit), every image of every dataset encoded, then zeroshot, kpl per image (no fit) and kpl fitted
-   transductively on the whole dataset under each balancing reading. With the tiny random-init model these
-   numbers are chance level and only show the pipeline runs; with real weights they are the comparison.
+   fewer proxy iterations are timed and the fit is extrapolated per iteration (the table says so).
 
 Prints Markdown tables. Run from the repository root:
 
     .venv/bin/python benchmarks/kpl.py                                   # a few minutes on 2 CPU cores
-    .venv/bin/python benchmarks/kpl.py --model-name hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224
-    .venv/bin/python benchmarks/kpl.py --sizes 1k,10k --pool-sizes 1k --skip-accuracy   # quick look
+    .venv/bin/python benchmarks/kpl.py --sizes 1k,10k --pool-sizes 1k     # quick look
 """
 import argparse
-import asyncio
 import ctypes
 import dataclasses
 import gc
@@ -35,13 +29,10 @@ import math
 import multiprocessing
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from functools import partial
-from pathlib import Path
 
 import faiss
 import numpy as np
@@ -50,13 +41,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from app.knowledge.index import DescriptionIndex, DescriptionItem, Retrieved
-from app.methods.kpl import BALANCINGS, KPL, KPLConfig, fit_kpl
-from app.settings import DEMO_MODEL_NAME, Settings
+from app.methods.kpl import BALANCINGS, KPLConfig, fit_kpl
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA_ROOT = REPO_ROOT.parent / "shared" / "data" / "datasets"
-DATASET_LABEL_SETS = {"pneumonia_cxr": "chest-xray-pneumonia", "covid_cxr": "chest-xray-covid",
-                      "ham10000": "ham10000", "aptos_dr": "diabetic-retinopathy", "busi": "breast-ultrasound"}
 TARGET_LABEL_SET = "bench-target"
 TARGET_CLASSES = 7                 # the label set every timed search is restricted to, like HAM10000's
 DESCRIPTIONS_PER_CLASS = 60        # the bundled corpus has 55-57 per class
@@ -407,126 +393,6 @@ def benchmark_fit(pool_size: int, dim: int, balancing: str, max_seconds: float, 
     return FitTiming(pool_size, balancing, iterations, seconds, setup_seconds, agreement)
 
 
-# -- 3. accuracy
-
-@dataclass
-class MethodScore:
-    dataset: str
-    label_set: str
-    images: int
-    n_classes: int
-    method: str
-    accuracy: float
-    balanced_accuracy: float
-    macro_f1: float
-    seconds: float
-
-
-def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
-    """(n_classes, n_classes) counts, rows = true class, columns = predicted."""
-    return np.bincount(y_true * n_classes + y_pred, minlength=n_classes ** 2).reshape(n_classes, n_classes)
-
-
-def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
-    """Mean recall over the classes present in y_true (scikit-learn's balanced_accuracy_score)."""
-    matrix = confusion_matrix(y_true, y_pred, n_classes)
-    support = matrix.sum(axis=1)
-    present = support > 0
-    return float((np.diag(matrix)[present] / support[present]).mean())
-
-
-def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
-    """Unweighted mean F1 over the classes in y_true or y_pred, 0 where undefined (scikit-learn's f1_score with
-    average="macro", zero_division=0)."""
-    matrix = confusion_matrix(y_true, y_pred, n_classes)
-    hits, predicted, actual = np.diag(matrix), matrix.sum(axis=0), matrix.sum(axis=1)
-    seen = (predicted + actual) > 0
-    f1 = np.divide(2 * hits, predicted + actual, out=np.zeros(n_classes), where=seen)   # 2PR/(P+R) = 2tp/(pred+act)
-    return float(f1[seen].mean())
-
-
-def list_dataset(folder: Path, suffixes: set[str]) -> tuple[list[Path], list[str]]:
-    paths, labels = [], []
-    for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
-        found = sorted(p for p in class_dir.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
-        paths += found
-        labels += [class_dir.name] * len(found)
-    return paths, labels
-
-
-def benchmark_accuracy(args: argparse.Namespace, work_dir: Path) -> tuple[str, str, bool, list[str], list[MethodScore]]:
-    """(model id, device, pretrained weights?, notes, scores)."""
-    return asyncio.run(_benchmark_accuracy(args, work_dir))
-
-
-async def _benchmark_accuracy(args: argparse.Namespace,
-                              work_dir: Path) -> tuple[str, str, bool, list[str], list[MethodScore]]:
-    from app.methods.zero_shot import ZeroShot  # the model stack, only when this section runs
-    from app.runtime import Runtime
-    from app.services.uploads import IMAGE_SUFFIXES
-
-    settings = Settings(model_name=args.model_name, pretrained=args.pretrained, device=args.device,
-                        data_dir=work_dir / "data")
-    notes, scores = [], []
-    async with Runtime.for_job(settings, progress=True) as runtime:
-        encoder, classifier, logit_scale = runtime.encoder, runtime.classifier, runtime.encoder.logit_scale
-        kpl = classifier.method("kpl")
-        transductive = {reading: KPL(runtime.knowledge, dataclasses.replace(kpl.config, balancing=reading))
-                        for reading in BALANCINGS}
-        for dataset, label_set in DATASET_LABEL_SETS.items():
-            folder = args.data_root / dataset
-            if not folder.is_dir():
-                notes.append(f"`{dataset}`: no folder {folder}; skipped")
-                continue
-            head = await classifier.head(label_set)
-            if await classifier.state(kpl, head) is not None:
-                raise SystemExit(f"{label_set} has a stored KPL fit in a fresh data dir; kpl per image would use it")
-            paths, labels = list_dataset(folder, IMAGE_SUFFIXES)
-            unknown = sorted(set(labels) - set(head.class_names))
-            if unknown or not paths:
-                notes.append(f"`{dataset}`: class folders {unknown} are not classes of `{label_set}` "
-                             f"({', '.join(head.class_names)}), or no images; skipped")
-                continue
-            features, usable = await encode_as_the_server_does(runtime, paths)
-            y_true = np.array([head.class_names.index(labels[i]) for i in usable])
-            if len(usable) < len(paths):
-                notes.append(f"`{dataset}`: {len(paths) - len(usable)} unreadable images skipped")
-            n_classes = len(head.class_names)
-            methods = [("zeroshot", ZeroShot(), False), ("kpl, per image (no fit)", kpl, False)]
-            methods += [(f"kpl, transductive, {reading}", method, True) for reading, method in transductive.items()]
-            runs = [(name, partial(method.score, features, head, None, logit_scale=logit_scale,
-                                   transductive=is_transductive)) for name, method, is_transductive in methods]
-            for method_name, run in tqdm(runs, desc=f"scoring {dataset}", unit="method", leave=False):
-                started = time.perf_counter()
-                y_pred = run().probabilities.argmax(dim=1).numpy()
-                seconds = time.perf_counter() - started
-                scores.append(MethodScore(dataset, label_set, len(y_true), len(set(y_true.tolist())), method_name,
-                                          float((y_pred == y_true).mean()),
-                                          balanced_accuracy(y_true, y_pred, n_classes),
-                                          macro_f1(y_true, y_pred, n_classes), seconds))
-        return encoder.model_id, str(encoder.device), encoder.has_pretrained_weights, notes, scores
-
-
-async def encode_as_the_server_does(runtime, paths: list[Path]) -> tuple[torch.Tensor, list[int]]:
-    """(n_usable, dim) features and which of `paths` they are: the server's bounded reads, decode pool and
-    batched encoder, with admission permits a chunk at a time."""
-    from app.errors import MedzeroError
-    from app.services.uploads import on_disk
-
-    files = [on_disk(path, str(path), runtime.settings.max_upload_bytes) for path in paths]
-    chunk_size = max(1, runtime.settings.max_in_flight_images // 2)
-    features, usable = [], []
-    for start in tqdm(range(0, len(files), chunk_size), desc="encoding", unit="chunk", leave=False):
-        chunk = files[start:start + chunk_size]
-        with runtime.admission.try_acquire(len(chunk)):
-            outcomes = await runtime.classifier.encode_files(chunk)
-        for offset, outcome in enumerate(outcomes):
-            if not isinstance(outcome, MedzeroError):
-                features.append(outcome.features)
-                usable.append(start + offset)
-    return torch.stack(features), usable
-
-
 # -- report
 
 def percentile(values: list[float], q: float) -> float:
@@ -645,40 +511,6 @@ def format_fit_table(timings: list[FitTiming]) -> str:
     return "\n".join(lines)
 
 
-def format_accuracy_table(scores: list[MethodScore]) -> str:
-    def pct(value: float) -> str:
-        return f"{100 * value:.1f}"
-
-    def delta(value: float, base: float) -> str:
-        return f"{100 * (value - base):+.1f}"
-
-    lines = [("| dataset | label set | images | chance (bal. acc.) | method | accuracy % | Δ | balanced acc. % | Δ "
-              "| macro-F1 % | Δ | seconds |"),
-             "|---|---|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|"]
-    by_dataset: dict[str, list[MethodScore]] = {}
-    for score in scores:
-        by_dataset.setdefault(score.dataset, []).append(score)
-    for dataset, rows in by_dataset.items():
-        base = rows[0]   # zeroshot
-        for row in rows:
-            same = row is base
-            lines.append(f"| {dataset if same else ''} | {row.label_set if same else ''} "
-                         f"| {row.images if same else ''} | {pct(1 / row.n_classes) if same else ''} | {row.method} "
-                         f"| {pct(row.accuracy)} | {'' if same else delta(row.accuracy, base.accuracy)} "
-                         f"| {pct(row.balanced_accuracy)} "
-                         f"| {'' if same else delta(row.balanced_accuracy, base.balanced_accuracy)} "
-                         f"| {pct(row.macro_f1)} | {'' if same else delta(row.macro_f1, base.macro_f1)} "
-                         f"| {row.seconds:.2f} |")
-    methods = list(dict.fromkeys(s.method for s in scores))
-    means = {m: [np.mean([getattr(s, f) for s in scores if s.method == m])
-                 for f in ("accuracy", "balanced_accuracy", "macro_f1")] for m in methods}
-    for m in methods:
-        base = means[methods[0]]
-        cells = " | ".join(f"{pct(v)} | {'' if m == methods[0] else delta(v, b)}" for v, b in zip(means[m], base))
-        lines.append(f"| **mean over {len(by_dataset)} datasets** | | | | {m} | {cells} | |")
-    return "\n".join(lines)
-
-
 def progress(message: str) -> None:
     print(f"[kpl] {message}", file=sys.stderr, flush=True)
 
@@ -703,12 +535,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "and extrapolated")
     parser.add_argument("--threads", type=int, help="torch and FAISS threads; None keeps theirs (one per core)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--skip-accuracy", action="store_true", help="no model, no images: sections 1 and 2 only")
-    parser.add_argument("--model-name", default=DEMO_MODEL_NAME, help="open_clip model id (MEDZERO_MODEL_NAME)")
-    parser.add_argument("--pretrained", help="pretrained tag or checkpoint path (MEDZERO_PRETRAINED)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="encoder device")
-    parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT,
-                        help="<dataset>/<class>/*.png folders; the accuracy section is skipped if absent")
     args = parser.parse_args(argv)
     try:
         args.sizes, args.pool_sizes = parse_counts(args.sizes), parse_counts(args.pool_sizes)
@@ -747,26 +573,8 @@ def main(argv: list[str] | None = None) -> int:
                                      desc="proxy fits", unit="fit"):
         timings.append(benchmark_fit(pool_size, args.dim, balancing, args.max_fit_seconds, args.seed))
 
-    model_line, accuracy_lines = "model: not loaded (--skip-accuracy)", []
-    if not args.skip_accuracy and not args.data_root.is_dir():
-        accuracy_lines = [f"Accuracy: skipped, no {args.data_root} on this machine (see ../shared/data/README.md)."]
-        model_line = "model: not loaded (no labelled images)"
-    elif not args.skip_accuracy:
-        progress(f"accuracy: loading {args.model_name} as the server does")
-        with tempfile.TemporaryDirectory(prefix="medzero-bench-") as work_dir:
-            model_id, device, pretrained, notes, scores = benchmark_accuracy(args, Path(work_dir))
-        model_line = (f"model `{model_id}` on {device} "
-                      f"({'pretrained weights' if pretrained else 'RANDOM INIT, no pretrained weights'})")
-        if pretrained:
-            caveat = f"With `{model_id}` (pretrained weights) this is the real comparison on the development split."
-        else:
-            caveat = (f"**`{model_id}` is randomly initialised: these numbers are CHANCE LEVEL and only show that the "
-                      "pipeline runs end to end. Run with real weights (--model-name hf-hub:... or --pretrained "
-                      "/path/to/checkpoint) for the real comparison.**")
-        accuracy_lines = [caveat, *notes, "", format_accuracy_table(scores) if scores else "(no dataset scored)"]
-
     gpu = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-    print(f"{model_line} · torch {torch.__version__}, {torch.get_num_threads()} threads · "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads · "
           f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} OpenMP threads, "
           f"{'a GPU visible to faiss (the index searches on CPU)' if gpu else 'CPU only'} · {os.cpu_count()} CPUs · "
           f"load average {load_at_start:.1f} at start, {os.getloadavg()[0]:.1f} at end")
@@ -793,11 +601,6 @@ def main(argv: list[str] | None = None) -> int:
           f"{DESCRIPTIONS_PER_CLASS} descriptions")
     print()
     print(format_fit_table(timings))
-    if not args.skip_accuracy:
-        print()
-        print("### Accuracy: zeroshot vs kpl on the labelled development images")
-        print()
-        print("\n".join(accuracy_lines))
     return 0
 
 

@@ -244,3 +244,19 @@ def _set_palette(dataset: pydicom.Dataset, palette: np.ndarray) -> None:
     for channel, colour in enumerate(("Red", "Green", "Blue")):
         setattr(dataset, f"{colour}PaletteColorLookupTableDescriptor", [len(entries), 0, 16])
         setattr(dataset, f"{colour}PaletteColorLookupTableData", entries[:, channel].tobytes())
+
+
+def labelled_folder(root: Path, per_class: dict[str, int], *, seed: int = 0) -> Path:
+    """An ImageFolder tree root/<class>/<i>.png of varied real PNGs (sizes, grey or colour, noise over a ramp), so
+    each class's images differ from each other and from the other classes'. Returns root."""
+    rng = np.random.default_rng(seed)
+    for class_index, (name, count) in enumerate(per_class.items()):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            width, height = int(rng.integers(48, 96)), int(rng.integers(48, 96))
+            base = ramp(width, height, low=20 * class_index, high=255 - 20 * class_index).astype(np.int16)
+            noisy = np.clip(base + rng.integers(-60, 60, size=(height, width)), 0, 255).astype(np.uint8)
+            image = Image.fromarray(noisy) if i % 2 else Image.fromarray(noisy).convert("RGB")
+            image.save(folder / f"{name}_{i:03d}.png")
+    return root

@@ -24,8 +24,12 @@ def parse_class_prior(text: str) -> dict[str, float]:
                            f'({{"normal": 0.7, ...}}) or normal=0.7,...; got {text[:100]!r}') from exc
 
 
+Probability = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+
+
 class ClassifyParams:
-    """label_set, method, top_k and transductive from the form or the query string (the form wins)."""
+    """label_set, method, top_k, transductive and abstain_threshold from the form or the query string (the form
+    wins)."""
 
     def __init__(self,
                  label_set_form: Annotated[str | None, Form(alias="label_set")] = None,
@@ -37,6 +41,10 @@ class ClassifyParams:
                  transductive_form: Annotated[bool | None, Form(alias="transductive")] = None,
                  transductive: Annotated[bool | None, Query(
                      description="/classify/batch with method=kpl: fit proxies on the batch's own images.")] = None,
+                 abstain_threshold_form: Annotated[Probability | None, Form(alias="abstain_threshold")] = None,
+                 abstain_threshold: Annotated[Probability | None, Query(
+                     description="Decide 'uncertain' below this top probability; overrides the label set's "
+                                 "abstain_threshold for this request.")] = None,
                  ) -> None:
         self.label_set = label_set_form or label_set
         if not self.label_set:
@@ -44,6 +52,7 @@ class ClassifyParams:
         self.method = method_form or method or "zeroshot"
         self.top_k = top_k_form or top_k
         self.transductive = bool(transductive_form if transductive_form is not None else transductive)
+        self.abstain_threshold = abstain_threshold_form if abstain_threshold_form is not None else abstain_threshold
 
 
 class LabelSetCreate(LabelSetSpec):
@@ -56,6 +65,7 @@ class LabelSetPublic(BaseModel):
     description: str
     classes: list[LabelClass]
     templates: list[str] = Field(description="The templates in effect (the modality's defaults if none were given).")
+    abstain_threshold: float | None = Field(description="Below this top probability the decision is 'uncertain'.")
     version: int
     builtin: bool
     created_at: datetime
@@ -65,6 +75,7 @@ class LabelSetPublic(BaseModel):
     def from_domain(cls, label_set: LabelSet) -> "LabelSetPublic":
         return cls(name=label_set.name, modality=label_set.modality, description=label_set.description,
                    classes=label_set.classes, templates=list(label_set.effective_templates()),
+                   abstain_threshold=label_set.abstain_threshold,
                    version=label_set.version, builtin=label_set.builtin,
                    created_at=label_set.created_at, updated_at=label_set.updated_at)
 
@@ -90,9 +101,32 @@ class EvidencePublic(BaseModel):
 
 class PredictionPublic(BaseModel):
     label: str
-    probability: float = Field(description="Softmax probability over the label set's classes.")
+    probability: float = Field(description="Softmax probability over the label set's classes (calibrated when the "
+                                           "result says calibrated).")
     similarity: float = Field(description="Raw cosine similarity between image and class embedding (or proxy).")
     evidence: EvidencePublic | None = Field(None, description="kpl only: what this class's proxy was built from.")
+
+
+class CalibrationPublic(BaseModel):
+    method: str
+    label_set_version: int
+    model: str
+    calibration_version: int
+    temperature: float = Field(description="Probabilities are softmax(logits / temperature).")
+    coverage: float = Field(description="Target coverage of the prediction sets, e.g. 0.9.")
+    set_threshold: float = Field(description="Calibrated probability a class needs to enter the prediction set.")
+    score: str = Field(description="Conformal score: lac (a class is in the set when p >= set_threshold).")
+    method_state_version: int | None = Field(description="The method's state it was calibrated on (KPL fit).")
+    images: dict[str, int] = Field(description="Images used: temperature, conformal, held_back.")
+    report: dict = Field(description="On the held-back images: ECE, NLL and Brier before/after, coverage, set size.")
+    created_at: datetime
+
+
+class CalibrationsPublic(BaseModel):
+    label_set: str
+    label_set_version: int
+    model: str
+    data: list[CalibrationPublic] = Field(description="One per calibrated method (current ones only).")
 
 
 class ClassifyResult(BaseModel):
@@ -101,6 +135,18 @@ class ClassifyResult(BaseModel):
     model: str = Field(description="The open_clip model id the image was encoded with.")
     method: str
     input_format: str = Field(description="png, jpeg, tiff or dicom, detected from the content.")
+    decision: str = Field(description="The class decided on, or 'uncertain' (see abstained).")
+    abstained: bool = Field(description="True when the decision is 'uncertain': the top probability is below the "
+                                        "abstain threshold, or (MEDZERO_DECISION_RULE=prediction_set) the "
+                                        "prediction set is not a single class.")
+    decision_rule: str = Field(description="top1, threshold, prediction_set or prediction_set+threshold.")
+    abstain_threshold: float | None = Field(description="The threshold in effect (the request's or label set's).")
+    calibrated: bool = Field(description="Whether the probabilities are temperature-calibrated (medzero calibrate).")
+    temperature: float | None = Field(None, description="The calibration's temperature, when calibrated.")
+    prediction_set: list[str] | None = Field(
+        None, description="Calibrated methods only: the classes a split-conformal set needs to hold the true class "
+                          "with probability >= prediction_set_coverage (may be empty: no class is plausible).")
+    prediction_set_coverage: float | None = Field(None, description="The coverage the set was calibrated for.")
     predictions: list[PredictionPublic] = Field(description="Ranked, most probable first.")
     elapsed_ms: float
     method_details: dict | None = Field(None, description="Method facts, e.g. the KPL fit that was used.")
@@ -139,6 +185,11 @@ class Readiness(BaseModel):
     status: str = Field(description="ready | loading | failed | stopped")
     model: str | None = None
     device: str | None = None
+    pretrained_weights: bool | None = Field(None, description="False: random weights (--demo); predictions "
+                                                              "are meaningless.")
+    methods: list[str] | None = Field(None, description="Methods /classify accepts.")
+    transductive_methods: list[str] | None = Field(None, description="Methods /classify/batch can run "
+                                                                     "transductively.")
     detail: str | None = None
 
 

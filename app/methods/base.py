@@ -22,6 +22,7 @@ class ClassHead:
     model_id: str
     class_names: tuple[str, ...]
     class_weights: torch.Tensor        # (n_classes, dim), L2-normalised text embeddings (prompt ensembles)
+    abstain_threshold: float | None = None   # the label set's: below this top probability, decide 'uncertain'
 
 
 @dataclass(frozen=True)
@@ -40,10 +41,16 @@ class ClassEvidence:
 
 @dataclass(frozen=True)
 class Scores:
-    probabilities: torch.Tensor        # (n_images, n_classes), rows sum to 1
+    logits: torch.Tensor               # (n_images, n_classes); probabilities are their softmax (what a temperature
+                                       # divides: calibration needs the logits, not the rounded-off probabilities)
     similarities: torch.Tensor         # (n_images, n_classes), cosine similarity to each class's proxy
     evidence: list[list[ClassEvidence]] | None = None   # per image, per class; None for methods without any
     details: dict = field(default_factory=dict)          # method-specific facts about this scoring (e.g. a fit)
+
+    @property
+    def probabilities(self) -> torch.Tensor:
+        """(n_images, n_classes), rows sum to 1."""
+        return self.logits.softmax(dim=-1)
 
 
 class Method(Protocol):

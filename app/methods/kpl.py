@@ -321,7 +321,7 @@ class KPL:
     def _score_with_fit(self, image_features: torch.Tensor, fit: KPLFit, proxy: ProxyKind) -> Scores:
         vision_proxies = torch.from_numpy(fit.vision_proxies)                   # (n_classes, dim)
         similarities = image_features @ vision_proxies.T
-        probabilities = predict(image_features, vision_proxies.T, self.config.tau_image)
+        logits = similarities / self.config.tau_image                           # predict(): softmax(X·W/τi)
         evidence = []
         for x in image_features.numpy():
             evidence.append([ClassEvidence(proxy, tuple(
@@ -330,7 +330,7 @@ class KPL:
                 for entries, vectors in zip(fit.evidence, fit.evidence_vectors)])
         details = {"fit_version": fit.version, "pool_size": fit.pool_size, "class_balance": fit.class_balance,
                    "fit_seconds": fit.fit_seconds, "balancing": fit.config.get("balancing")}
-        return Scores(probabilities, similarities, evidence, details)
+        return Scores(logits, similarities, evidence, details)
 
     def _score_per_image(self, image_features: torch.Tensor, head: ClassHead, logit_scale: float) -> Scores:
         queries = image_features.numpy().astype(np.float32)
@@ -349,4 +349,4 @@ class KPL:
                     proxy = head.class_weights[c]
                     evidence[i].append(ClassEvidence("prompts"))
                 similarities[i, c] = image_features[i] @ proxy
-        return Scores((logit_scale * similarities).softmax(dim=-1), similarities, evidence)
+        return Scores(logit_scale * similarities, similarities, evidence)

@@ -28,4 +28,4 @@ class ZeroShot:
     def score(self, image_features: torch.Tensor, head: ClassHead, state: None = None, *, logit_scale: float,
               transductive: bool = False) -> Scores:
         similarities = image_features @ head.class_weights.T          # (n_images, n_classes)
-        return Scores(probabilities=(logit_scale * similarities).softmax(dim=-1), similarities=similarities)
+        return Scores(logits=logit_scale * similarities, similarities=similarities)

@@ -1,24 +1,20 @@
 """KPL fitting use cases: a pool of unlabelled images (uploads, a folder under MEDZERO_KPL_POOL_ROOT, or a folder
 named on the command line) -> text and vision proxies for a label set, stored versioned under the loaded model.
 
-Every pool goes through the same path as /classify: bounded reads (MEDZERO_MAX_UPLOAD_BYTES), the decode pool,
-the batched encoder, admission permits a chunk at a time (waited for, so a fit does not fail on a traffic burst).
-A file that cannot be used is skipped and reported with its own error; a refusal of the server's own (503) fails
-the fit instead, so no fit is made on a load-dependent subset.
+Every pool goes through the same path as /classify (Classifier.encode_pool): bounded reads
+(MEDZERO_MAX_UPLOAD_BYTES), the decode pool, the batched encoder, admission permits a chunk at a time. A file that
+cannot be used is skipped and reported with its own error; a refusal of the server's own (503) fails the fit.
 """
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from starlette.concurrency import run_in_threadpool
-from tqdm import tqdm
 
 from app import metrics
 from app.errors import InvalidInput, KPLFitNotFound, MedzeroError, PayloadTooLarge
 from app.methods.kpl import KPL, KPLFit, prior_vector
-from app.services.admission import Admission
 from app.services.classify import Classifier, state_key
 from app.services.uploads import UploadedFile, image_files, on_disk
 from app.storage.method_states import MethodStateRepository
@@ -31,18 +27,14 @@ class FitReport:
 
 
 class KPLFitService:
-    def __init__(self, classifier: Classifier, method: KPL, states: MethodStateRepository, admission: Admission, *,
-                 pool_root: Path | None, max_pool_images: int, max_upload_bytes: int, chunk_images: int,
-                 permit_timeout_seconds: float) -> None:
+    def __init__(self, classifier: Classifier, method: KPL, states: MethodStateRepository, *,
+                 pool_root: Path | None, max_pool_images: int, max_upload_bytes: int) -> None:
         self._classifier = classifier
         self._method = method
         self._states = states
-        self._admission = admission
         self._pool_root = pool_root.resolve() if pool_root else None
         self._max_pool_images = max_pool_images
         self._max_upload_bytes = max_upload_bytes
-        self._chunk_images = chunk_images          # at most this many pool images hold permits at once
-        self._permit_timeout_seconds = permit_timeout_seconds
 
     async def fit(self, label_set: str, files: Sequence[UploadedFile], *, class_prior: dict[str, float] | None = None,
                   progress: bool = False) -> FitReport:
@@ -51,25 +43,13 @@ class KPLFitService:
         prior_vector(head, class_prior)                     # a bad prior is refused before any image is read
         if len(files) > self._max_pool_images:
             raise PayloadTooLarge(f"{len(files)} pool images; MEDZERO_KPL_MAX_POOL_IMAGES={self._max_pool_images}")
-        features, skipped = [], []
-        with tqdm(total=len(files), desc=f"encoding the pool for {label_set}", unit="image",
-                  disable=not progress) as bar:
-            for start in range(0, len(files), self._chunk_images):
-                chunk = files[start:start + self._chunk_images]
-                with await self._admission.acquire(len(chunk), self._permit_timeout_seconds):
-                    outcomes = await self._classifier.encode_files(chunk)
-                for file, outcome in zip(chunk, outcomes):
-                    if isinstance(outcome, MedzeroError) and outcome.status_code == 503:
-                        raise outcome           # the server is busy or stopping: fail the fit, drop no image
-                    if isinstance(outcome, MedzeroError):
-                        skipped.append((file.name, outcome))
-                    else:
-                        features.append(outcome.features)
-                bar.update(len(chunk))
-        if len(features) < 2:
-            raise InvalidInput(f"a KPL fit needs at least 2 usable images; got {len(features)} "
+        pool = await self._classifier.encode_pool(files, progress=progress,
+                                                  description=f"encoding the pool for {label_set}")
+        features, skipped = pool.features, pool.skipped
+        if len(pool.used) < 2:
+            raise InvalidInput(f"a KPL fit needs at least 2 usable images; got {len(pool.used)} "
                                f"({len(skipped)} could not be used)")
-        fitted = await run_in_threadpool(self._method.fit, torch.stack(features), head, class_prior)
+        fitted = await run_in_threadpool(self._method.fit, features, head, class_prior)
         stamp = await run_in_threadpool(self._states.add, state_key(self._method, head), *fitted.to_state())
         metrics.KPL_FIT_SECONDS.observe(fitted.fit_seconds)
         metrics.KPL_FIT_IMAGES.observe(fitted.pool_size)

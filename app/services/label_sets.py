@@ -120,7 +120,8 @@ class LabelSetService:
     def _remember(self, label_set: LabelSet, weights: torch.Tensor) -> ClassHead:
         head = ClassHead(label_set=label_set.name, version=label_set.version, model_id=self._model_id,
                          class_names=tuple(c.name for c in label_set.classes),
-                         class_weights=torch.as_tensor(np.asarray(weights, dtype=np.float32)))
+                         class_weights=torch.as_tensor(np.asarray(weights, dtype=np.float32)),
+                         abstain_threshold=label_set.abstain_threshold)
         with self._lock:
             self._heads[label_set.name] = (label_set.created_at, head)
         return head

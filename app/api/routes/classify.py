@@ -19,7 +19,7 @@ from app.api.schemas import (
 )
 from app.errors import InvalidInput, MedzeroError, PayloadTooLarge
 from app.methods.base import ClassEvidence
-from app.services.classify import Classification
+from app.services.classify import UNCERTAIN, Classification
 from app.services.uploads import uploaded
 
 router = APIRouter(prefix="/classify", tags=["classify"])
@@ -35,7 +35,8 @@ async def classify_image(file: Annotated[UploadFile, File(description="PNG, JPEG
     if params.transductive:
         raise InvalidInput("transductive needs several images: use /classify/batch")
     outcome = await classifier.classify(uploaded(file, file.filename, runtime.settings.max_upload_bytes),
-                                        label_set=params.label_set, method=params.method, top_k=params.top_k)
+                                        label_set=params.label_set, method=params.method, top_k=params.top_k,
+                                        abstain_threshold=params.abstain_threshold)
     return to_result(outcome)
 
 
@@ -51,12 +52,14 @@ async def classify_batch(files: Annotated[list[UploadFile], File(description="Se
         raise PayloadTooLarge(f"{len(files)} files in one batch; MEDZERO_MAX_BATCH_FILES={settings.max_batch_files}")
     outcomes = await classifier.classify_batch(
         [uploaded(upload, upload.filename, settings.max_upload_bytes) for upload in files],
-        label_set=params.label_set, method=params.method, top_k=params.top_k, transductive=params.transductive)
+        label_set=params.label_set, method=params.method, top_k=params.top_k, transductive=params.transductive,
+        abstain_threshold=params.abstain_threshold)
     items = []
     for upload, outcome in zip(files, outcomes):
         if isinstance(outcome, MedzeroError):
             metrics.ERRORS.labels(code=outcome.code).inc()
-            items.append(BatchItem(filename=upload.filename, error=ErrorDetail(code=outcome.code, message=str(outcome))))
+            error = ErrorDetail(code=outcome.code, message=str(outcome))
+            items.append(BatchItem(filename=upload.filename, error=error))
         else:
             items.append(BatchItem(filename=upload.filename, result=to_result(outcome)))
     failed = sum(item.error is not None for item in items)
@@ -66,9 +69,14 @@ async def classify_batch(files: Annotated[list[UploadFile], File(description="Se
 
 
 def to_result(outcome: Classification) -> ClassifyResult:
+    decision, calibration = outcome.decision, outcome.calibration
     return ClassifyResult(
         label_set=outcome.label_set, label_set_version=outcome.label_set_version, model=outcome.model_id,
         method=outcome.method, input_format=outcome.input_format, elapsed_ms=outcome.elapsed_ms,
+        decision=UNCERTAIN if decision.label is None else decision.label, abstained=decision.label is None,
+        decision_rule=decision.rule, abstain_threshold=decision.abstain_threshold,
+        calibrated=calibration is not None, temperature=calibration.temperature if calibration else None,
+        prediction_set=outcome.prediction_set, prediction_set_coverage=calibration.coverage if calibration else None,
         method_details=outcome.details or None,
         predictions=[PredictionPublic(label=p.label, probability=p.probability, similarity=p.similarity,
                                       evidence=to_evidence(p.evidence)) for p in outcome.predictions])

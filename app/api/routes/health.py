@@ -21,8 +21,11 @@ async def readyz(runtime: RuntimeDep) -> JSONResponse:
     if not runtime.ready:
         body = Readiness(status=runtime.state, detail=runtime.failure)
         return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "5"})
-    encoder = runtime.encoder
-    return JSONResponse(Readiness(status="ready", model=encoder.model_id, device=str(encoder.device)).model_dump())
+    encoder, classifier = runtime.encoder, runtime.classifier
+    return JSONResponse(Readiness(status="ready", model=encoder.model_id, device=str(encoder.device),
+                                  pretrained_weights=encoder.has_pretrained_weights,
+                                  methods=classifier.method_names,
+                                  transductive_methods=classifier.transductive_method_names).model_dump())
 
 
 @router.get("/metrics", include_in_schema=False)
