@@ -20,8 +20,8 @@ log = logging.getLogger("medzero")
 # arguments that steer a command rather than configure medzero (everything else maps onto a Settings field)
 COMMAND_ARGUMENTS = {"command", "kb_command", "kpl_command", "label_set", "n_per_class", "no_progress", "images",
                      "class_prior", "data", "methods", "kpl_balancings", "no_transductive", "mapping", "out", "url",
-                     "api_key", "abstain_threshold", "seed", "bootstrap", "method", "split", "coverage",
-                     "conformal_share"}
+                     "api_key", "batch_files", "http_timeout", "abstain_threshold", "seed", "bootstrap", "method",
+                     "split", "coverage", "conformal_share"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--url", help="measure a running server (e.g. http://127.0.0.1:8000) instead of "
                                         "loading the model here")
     evaluate.add_argument("--api-key", help="X-API-Key for --url, if the server needs one")
+    evaluate.add_argument("--batch-files", type=int, default=32, help="--url: files per /classify/batch request")
+    evaluate.add_argument("--http-timeout", type=float, default=600.0,
+                          help="--url: seconds to wait for one batch (a transductive fit on a big pool is slow)")
     evaluate.add_argument("--abstain-threshold", type=float, help="top probability below which a decision is "
                                                                   "'uncertain' (default: the label set's)")
     evaluate.add_argument("--seed", type=int, default=0, help="bootstrap seed")
@@ -151,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                                            kpl_balancings=tuple(args.kpl_balancings),
                                            transductive=not args.no_transductive,
                                            abstain_threshold=args.abstain_threshold, seed=args.seed,
-                                           n_bootstrap=args.bootstrap, progress=progress)
+                                           n_bootstrap=args.bootstrap, progress=progress,
+                                           http_batch_files=args.batch_files, http_timeout_seconds=args.http_timeout)
             evaluate.main(settings, args.data, args.label_set, args.out, mapping=parse_mapping(args.mapping),
                           options=options, url=args.url, api_key=args.api_key)
             print((args.out / "results.md").read_text())
@@ -205,6 +209,7 @@ def render_calibration(report) -> str:
                      f"| {quality['accuracy']:.1%}")
     lines += ["", f"prediction sets on the held-back images: coverage {sets['coverage']:.1%} "
                   f"(target {c.coverage:.0%}), mean size {sets['mean_size']:.2f}, empty {sets['empty']:.1%}"]
+    lines += [f"WARNING: {warning}" for warning in c.report.get("warnings", [])]
     if report.skipped:
         lines.append(f"skipped {len(report.skipped)} files: "
                      + ", ".join(f"{name} ({error.code})" for name, error in report.skipped[:5]))

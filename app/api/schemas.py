@@ -118,7 +118,9 @@ class CalibrationPublic(BaseModel):
     score: str = Field(description="Conformal score: lac (a class is in the set when p >= set_threshold).")
     method_state_version: int | None = Field(description="The method's state it was calibrated on (KPL fit).")
     images: dict[str, int] = Field(description="Images used: temperature, conformal, held_back.")
-    report: dict = Field(description="On the held-back images: ECE, NLL and Brier before/after, coverage, set size.")
+    dataset_hash: str = Field(description="sha256 of the labelled images it was made from (medzero eval compares).")
+    report: dict = Field(description="On the held-back images: ECE, NLL and Brier before/after, coverage, set size; "
+                                     "warnings a user must read.")
     created_at: datetime
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.errors import InvalidInput
-from app.services.uploads import IMAGE_SUFFIXES
+from app.imaging.files import IMAGE_SUFFIXES, image_files
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def _read_image_folder(folder: Path) -> list[tuple[Path, str]]:
         raise InvalidInput(f"{folder} has no class folders (expected {folder}/<class>/<image>)")
     found: list[tuple[Path, str]] = []
     for class_folder in class_folders:
-        images = sorted(p for p in class_folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        images = image_files(class_folder)
         if not images:
             raise InvalidInput(f"class folder {class_folder} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         found += [(path, class_folder.name) for path in images]

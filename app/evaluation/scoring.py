@@ -155,6 +155,18 @@ def abstention_at(y_true: np.ndarray, probabilities: np.ndarray, threshold: floa
     }
 
 
+def decision_metrics(y_true: np.ndarray, decided: Sequence[int | None]) -> dict:
+    """Per image the class decided on, or None (abstained) -> share answered and accuracy on the answered."""
+    labels = np.asarray(y_true)
+    answered = np.array([d is not None for d in decided], dtype=bool)
+    if len(answered) != len(labels):
+        raise ValueError(f"{len(decided)} decisions for {len(labels)} labels")
+    chosen = np.array([-1 if d is None else d for d in decided])
+    return {"coverage": float(answered.mean()) if len(labels) else 0.0,
+            "accuracy": float(accuracy_score(labels[answered], chosen[answered])) if answered.any() else None,
+            "answered": int(answered.sum()), "abstained": int((~answered).sum())}
+
+
 def prediction_set_metrics(y_true: np.ndarray, prediction_sets: Sequence[Sequence[int]]) -> dict:
     """Coverage (true class in the set), mean size, share of empty and singleton sets, and a size histogram."""
     labels = np.asarray(y_true)

@@ -29,14 +29,20 @@ from app import __version__
 from app.errors import InvalidInput
 from app.evaluation.dataset import LabelledImages, dataset_hash, load_labelled, relative_name
 from app.evaluation.plots import PlotInput, write_plots
-from app.evaluation.scoring import abstention_at, abstention_curve, classification_metrics, prediction_set_metrics
+from app.evaluation.scoring import (
+    abstention_at,
+    abstention_curve,
+    classification_metrics,
+    decision_metrics,
+    prediction_set_metrics,
+)
 from app.methods.base import Method
+from app.methods.calibration import state_identity
 from app.methods.kpl import BALANCINGS, KPL
 from app.runtime import Runtime
 from app.services.uploads import on_disk
 from app.settings import Settings
 
-HTTP_BATCH_FILES = 32
 HTTP_RETRIES = 10
 
 
@@ -51,6 +57,8 @@ class MethodRow:
     prediction_sets: list[list[int]] | None = None
     settings: dict = field(default_factory=dict)   # the method's configuration and the state it scored with
     seconds: float = 0.0
+    decisions: list[str | None] = field(default_factory=list)   # per image: the class decided on, None: uncertain
+    decision_rule: str = "top1"                    # how the service decided (Classifier.decide)
 
 
 @dataclass
@@ -82,6 +90,8 @@ class EvalOptions:
     seed: int = 0
     n_bootstrap: int = 1000
     progress: bool = True
+    http_batch_files: int = 32                     # --url: files per /classify/batch (the server's limit: 64)
+    http_timeout_seconds: float = 600.0            # --url: longest wait for one batch (a transductive fit)
 
 
 def main(settings: Settings, source: Path, label_set: str, out_dir: Path, *, mapping: dict[str, str] | None = None,
@@ -132,17 +142,19 @@ async def evaluate_with(runtime: Runtime, source: Path, label_set: str, mapping:
             started = time.perf_counter()
             assessment = await classifier.assess(variant, head, pool.features, transductive=transductive)
             calibration = assessment.calibration
+            sets = assessment.prediction_sets
+            decided = [classifier.decide(head, assessment.probabilities[i], sets[i] if sets else None,
+                                         options.abstain_threshold) for i in range(len(pool.used))]
+            balancing = getattr(getattr(variant, "config", None), "balancing", None)
             evaluation.rows.append(MethodRow(
-                name=_row_name(variant, transductive), method=method.name, transductive=transductive,
-                probabilities=assessment.probabilities.double().numpy(),
-                calibration=None if calibration is None else {
-                    "version": calibration.version, "temperature": calibration.temperature,
-                    "coverage": calibration.coverage, "set_threshold": calibration.set_threshold,
-                    "score": calibration.score, "dataset_hash": calibration.dataset_hash,
-                    "held_back": calibration.report},
-                prediction_sets=assessment.prediction_sets,
-                settings=_method_settings(variant, assessment.scores.details, assessment.state_version),
-                seconds=round(time.perf_counter() - started, 3)))
+                name=_row_name(method.name, transductive, balancing), method=method.name,
+                transductive=transductive, probabilities=assessment.probabilities.double().numpy(),
+                calibration=None if calibration is None else _calibration_facts({
+                    **dataclasses.asdict(calibration), "calibration_version": calibration.version}),
+                prediction_sets=sets,
+                settings=_method_settings(variant, assessment.scores.details, state_identity(assessment.state)[0]),
+                seconds=round(time.perf_counter() - started, 3),
+                decisions=[d.label for d in decided], decision_rule=decided[0].rule))
     return evaluation
 
 
@@ -166,11 +178,10 @@ def _transductive_variants(method: Method, balancings: Sequence[str]) -> list[Me
     return [method]
 
 
-def _row_name(method: Method, transductive: bool) -> str:
-    if not transductive:
-        return method.name
-    balancing = getattr(getattr(method, "config", None), "balancing", None)
-    return " · ".join(filter(None, (method.name, "transductive", balancing)))
+def _row_name(method: str, transductive: bool, balancing: str | None = None) -> str:
+    """"kpl", "kpl · transductive · sinkhorn", "meduna · transductive"."""
+    return " · ".join(filter(None, (method, "transductive" if transductive else None,
+                                    balancing if transductive else None)))
 
 
 def _method_settings(method: Method, details: dict, state_version: int | None) -> dict:
@@ -186,36 +197,39 @@ def evaluate_over_http(url: str, source: Path, label_set: str, mapping: dict[str
     """The deployed service measured through /classify/batch: what its users get, calibration included."""
     base = url.rstrip("/")
     headers = {"X-API-Key": api_key} if api_key else {}
-    with httpx.Client(base_url=base, headers=headers, timeout=300) as client:
+    with httpx.Client(base_url=base, headers=headers, timeout=options.http_timeout_seconds) as client:
         ready = _get(client, "/readyz")
         spec = _get(client, f"/labels/{label_set}")
+        calibrations = {c["method"]: c for c in _get(client, f"/labels/{label_set}/calibration")["data"]}
         class_names = tuple(c["name"] for c in spec["classes"])
         images = load_labelled(source, class_names, mapping)
         names = _chosen_methods(options.methods, ready.get("methods") or ["zeroshot"])
         threshold = spec.get("abstain_threshold") if options.abstain_threshold is None else options.abstain_threshold
         evaluation = Evaluation(base, ready["model"], ready.get("pretrained_weights"), label_set, spec["version"],
                                 class_names, threshold, images, [])
+        # per-image rows first: the files the service refuses are known before a transductive pool is sent
         plans = [(name, False) for name in names]
         if options.transductive:
             plans += [(name, True) for name in names if name in (ready.get("transductive_methods") or [])]
             if any(transductive for _, transductive in plans):
                 evaluation.notes.append("over --url a transductive row uses the server's MEDZERO_KPL_BALANCING "
                                         "(its name shows which); run in-process for both readings side by side")
-        answers: dict[tuple[str, bool], dict[int, dict]] = {}
-        failures: dict[int, str] = {}
+        http = _HttpRows(client, images, label_set, options)
+        answers: dict[tuple[str, bool], tuple[dict[int, dict], float]] = {}
         for name, transductive in plans:
             started = time.perf_counter()
             try:
-                answers[(name, transductive)] = _classify_over_http(client, images, label_set, name, transductive,
-                                                                    failures, options.progress)
+                by_image = http.classify(name, transductive)
             except _RowRefused as exc:
                 evaluation.notes.append(f"{name} transductive: {exc}")
                 continue
-            answers[(name, transductive)]["seconds"] = time.perf_counter() - started
-        evaluation.used = [i for i in range(len(images.paths)) if i not in failures]
-        evaluation.skipped = [(relative_name(images, images.paths[i]), why) for i, why in sorted(failures.items())]
-        for (name, transductive), by_image in answers.items():
-            evaluation.rows.append(_row_from_http(name, transductive, by_image, evaluation))
+            answers[(name, transductive)] = by_image, time.perf_counter() - started
+        evaluation.used = [i for i in range(len(images.paths)) if i not in http.failures]
+        evaluation.skipped = [(relative_name(images, images.paths[i]), why)
+                              for i, why in sorted(http.failures.items())]
+        for (name, transductive), (by_image, seconds) in answers.items():
+            evaluation.rows.append(_row_from_http(name, transductive, by_image, evaluation,
+                                                  calibrations.get(name), seconds))
         return evaluation
 
 
@@ -240,55 +254,74 @@ def _error_text(response: httpx.Response) -> str:
         return response.text[:200]
 
 
-def _classify_over_http(client: httpx.Client, images: LabelledImages, label_set: str, method: str,
-                        transductive: bool, failures: dict[int, str], progress: bool) -> dict[int, dict]:
-    """{image index: ClassifyResult JSON}; a file the service refuses is recorded in `failures`."""
-    index = list(range(len(images.paths)))
-    batches = [index] if transductive else [index[i:i + HTTP_BATCH_FILES]
-                                            for i in range(0, len(index), HTTP_BATCH_FILES)]
-    results: dict[int, dict] = {}
-    with tqdm(total=len(index), desc=f"{method}{' (transductive)' if transductive else ''} over HTTP",
-              unit="image", disable=not progress) as bar:
-        for batch in batches:
-            body = _post_batch(client, images, batch, label_set, method, transductive)
-            for i, item in zip(batch, body["results"]):
-                if item.get("error"):
-                    failures.setdefault(i, f"{item['error']['code']}: {item['error']['message']}")
-                else:
-                    results[i] = item["result"]
-            bar.update(len(batch))
-    return results
+class _HttpRows:
+    """/classify/batch calls for one evaluation; `failures` collects the files the service refuses."""
+
+    def __init__(self, client: httpx.Client, images: LabelledImages, label_set: str, options: EvalOptions) -> None:
+        self._client, self._images, self._label_set, self._options = client, images, label_set, options
+        self.failures: dict[int, str] = {}
+
+    def classify(self, method: str, transductive: bool) -> dict[int, dict]:
+        """{image index: ClassifyResult JSON}. A transductive pool is every file not already refused (the
+        service fits on all of a batch's files or refuses it)."""
+        index = [i for i in range(len(self._images.paths)) if not (transductive and i in self.failures)]
+        size = self._options.http_batch_files
+        batches = [index] if transductive else [index[i:i + size] for i in range(0, len(index), size)]
+        results: dict[int, dict] = {}
+        with tqdm(total=len(index), desc=f"{method}{' (transductive)' if transductive else ''} over HTTP",
+                  unit="image", disable=not self._options.progress) as bar:
+            for batch in batches:
+                body = self._post(batch, method, transductive)
+                for i, item in zip(batch, body["results"]):
+                    if item.get("error"):
+                        self.failures.setdefault(i, f"{item['error']['code']}: {item['error']['message']}")
+                    else:
+                        results[i] = item["result"]
+                bar.update(len(batch))
+        return results
+
+    def _post(self, batch: list[int], method: str, transductive: bool) -> dict:
+        paths = self._images.paths
+        files = [("files", (relative_name(self._images, paths[i]), paths[i].read_bytes(),
+                            "application/octet-stream")) for i in batch]
+        data = {"label_set": self._label_set, "method": method, "transductive": str(transductive).lower()}
+        if self._options.abstain_threshold is not None:
+            data["abstain_threshold"] = str(self._options.abstain_threshold)
+        for attempt in range(HTTP_RETRIES):
+            try:
+                response = self._client.post("/classify/batch", files=files, data=data)
+            except httpx.TimeoutException as exc:
+                if transductive:      # a long fit on a slow server: that row is lost, not the evaluation
+                    raise _RowRefused(f"no answer within {self._options.http_timeout_seconds:g} s for the pool "
+                                      f"of {len(batch)} images (--http-timeout)") from exc
+                time.sleep(min(30.0, 2.0 ** attempt))
+                continue
+            except httpx.TransportError as exc:
+                time.sleep(min(30.0, 2.0 ** attempt))   # a dropped connection: retry the same batch
+                if attempt == HTTP_RETRIES - 1:
+                    raise InvalidInput(f"cannot reach {self._client.base_url}/classify/batch: {exc}") from exc
+                continue
+            if response.status_code == 503:      # overloaded or busy: wait as told, then retry the same batch
+                time.sleep(min(30.0, float(response.headers.get("Retry-After", "1"))))
+                continue
+            if response.status_code == 200:
+                return response.json()
+            if transductive:
+                raise _RowRefused(f"the server refused the pool of {len(batch)} images in one batch "
+                                  f"({response.status_code}: {_error_text(response)}); raise "
+                                  "MEDZERO_MAX_BATCH_FILES on the server, or evaluate in-process")
+            hint = "; lower --batch-files" if response.status_code == 413 else ""
+            raise InvalidInput(f"/classify/batch answered {response.status_code}: {_error_text(response)}{hint}")
+        raise InvalidInput(f"/classify/batch gave no answer after {HTTP_RETRIES} tries (overloaded or unreachable)")
 
 
-def _post_batch(client: httpx.Client, images: LabelledImages, batch: list[int], label_set: str, method: str,
-                transductive: bool) -> dict:
-    files = [("files", (relative_name(images, images.paths[i]), images.paths[i].read_bytes(),
-                        "application/octet-stream")) for i in batch]
-    data = {"label_set": label_set, "method": method, "transductive": str(transductive).lower()}
-    for _ in range(HTTP_RETRIES):
-        try:
-            response = client.post("/classify/batch", files=files, data=data)
-        except httpx.HTTPError as exc:
-            raise InvalidInput(f"cannot reach {client.base_url}/classify/batch: {exc}") from exc
-        if response.status_code == 503:       # overloaded or busy: wait as told, then retry the same batch
-            time.sleep(min(30.0, float(response.headers.get("Retry-After", "1"))))
-            continue
-        if response.status_code == 200:
-            return response.json()
-        if transductive:
-            raise _RowRefused(f"the server refused the pool of {len(batch)} images in one batch "
-                              f"({response.status_code}: {_error_text(response)}); raise MEDZERO_MAX_BATCH_FILES "
-                              "on the server, or evaluate in-process")
-        raise InvalidInput(f"/classify/batch answered {response.status_code}: {_error_text(response)}")
-    raise InvalidInput(f"/classify/batch stayed overloaded after {HTTP_RETRIES} tries")
-
-
-def _row_from_http(method: str, transductive: bool, by_image: dict, evaluation: Evaluation) -> MethodRow:
-    seconds = by_image.pop("seconds", 0.0)
+def _row_from_http(method: str, transductive: bool, by_image: dict[int, dict], evaluation: Evaluation,
+                   calibration: dict | None, seconds: float) -> MethodRow:
     class_index = {name: c for c, name in enumerate(evaluation.class_names)}
     probabilities = np.zeros((len(evaluation.used), len(evaluation.class_names)))
     sets: list[list[int]] = []
-    calibration, details = None, {}
+    decisions: list[str | None] = []
+    details, rule, calibrated_rows = {}, "top1", 0
     for row, i in enumerate(evaluation.used):
         result = by_image[i]
         if result["label_set_version"] != evaluation.label_set_version or result["model"] != evaluation.model_id:
@@ -296,17 +329,25 @@ def _row_from_http(method: str, transductive: bool, by_image: dict, evaluation: 
                                f"{result['model']}, v{result['label_set_version']}); run it again")
         for prediction in result["predictions"]:
             probabilities[row, class_index[prediction["label"]]] = prediction["probability"]
-        details = result.get("method_details") or {}
+        details, rule = result.get("method_details") or {}, result["decision_rule"]
+        decisions.append(None if result["abstained"] else result["decision"])
         if result["calibrated"]:
-            calibration = {"temperature": result["temperature"], "coverage": result["prediction_set_coverage"]}
+            calibrated_rows += 1
             sets.append([class_index[name] for name in result["prediction_set"]])
     probabilities /= probabilities.sum(axis=1, keepdims=True)   # the API rounds to 6 decimals
-    name = " · ".join(filter(None, (method, "transductive" if transductive else None,
-                                    details.get("balancing") if transductive else None)))
-    calibrated_everywhere = calibration is not None and len(sets) == len(evaluation.used)
-    return MethodRow(name, method, transductive, probabilities, calibration if calibrated_everywhere else None,
-                     sets if calibrated_everywhere else None,
-                     {k: v for k, v in details.items() if k != "class_balance"}, round(seconds, 3))
+    calibrated = calibrated_rows == len(evaluation.used) and calibration is not None
+    return MethodRow(_row_name(method, transductive, details.get("balancing")), method, transductive,
+                     probabilities, _calibration_facts(calibration) if calibrated else None,
+                     sets if calibrated else None, {k: v for k, v in details.items() if k != "class_balance"},
+                     round(seconds, 3), decisions, rule)
+
+
+def _calibration_facts(calibration: dict) -> dict:
+    """What results.json records of a calibration (from GET /labels/{name}/calibration, or in-process)."""
+    return {"version": calibration["calibration_version"], "temperature": calibration["temperature"],
+            "coverage": calibration["coverage"], "set_threshold": calibration["set_threshold"],
+            "score": calibration["score"], "dataset_hash": calibration.get("dataset_hash"),
+            "held_back": calibration["report"]}
 
 
 # -- results
@@ -324,6 +365,10 @@ def write_results(evaluation: Evaluation, out_dir: Path, options: EvalOptions) -
         metrics["abstention"] = {"curve": abstention_curve(y_true, row.probabilities),
                                  "at_threshold": None if evaluation.abstain_threshold is None else
                                  abstention_at(y_true, row.probabilities, evaluation.abstain_threshold)}
+        # what the service decided (its rule: threshold and, with MEDZERO_DECISION_RULE=prediction_set, the sets)
+        index = {name: c for c, name in enumerate(class_names)}
+        metrics["decisions"] = {"rule": row.decision_rule, **decision_metrics(
+            y_true, [None if label is None else index[label] for label in row.decisions])}
         if row.prediction_sets is not None:
             metrics["prediction_sets"] = prediction_set_metrics(y_true, row.prediction_sets)
             if row.calibration and row.calibration.get("dataset_hash") == data_hash:
@@ -366,8 +411,8 @@ def _image_predictions(evaluation: Evaluation, row_index: int, image_index: int)
                   "probabilities": [round(float(v), 6) for v in p]}
         if row.prediction_sets is not None:
             answer["prediction_set"] = [names[c] for c in row.prediction_sets[row_index]]
-        if evaluation.abstain_threshold is not None:
-            answer["abstained"] = bool(p[top] < evaluation.abstain_threshold)
+        if row.decisions:
+            answer["decision"] = row.decisions[row_index] or "uncertain"
         entry["methods"][row.name] = answer
     return entry
 
@@ -388,11 +433,11 @@ def render_markdown(summary: dict) -> str:
               f"seed {summary['options']['seed']}; ECE over 15 equal-width bins",
               f"- abstain threshold: {_threshold_text(summary['abstain_threshold'])}", ""]
     lines += ["| method | calibrated | acc1 | balanced acc. | macro-F1 | macro AUROC | acc5 | ECE | Brier | NLL "
-              "| answered @ threshold | acc. answered | set coverage | mean set size | seconds |",
+              "| answered | acc. answered | set coverage | mean set size | seconds |",
               "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for method in summary["methods"]:
         m = method["metrics"]
-        at = m["abstention"]["at_threshold"]
+        decided = m["decisions"]
         sets = m.get("prediction_sets")
         calibration = method["calibration"]
         lines.append(
@@ -401,7 +446,7 @@ def render_markdown(summary: dict) -> str:
             f"| {_with_interval(m['balanced_accuracy'], m['intervals']['balanced_accuracy'])} "
             f"| {_pct(m['macro_f1'])} | {_with_interval(m['macro_auroc'], m['intervals']['macro_auroc'])} "
             f"| {_pct(m['acc5'])} | {m['ece']:.3f} | {m['brier']:.3f} | {m['nll']:.3f} "
-            f"| {_pct(at['coverage']) if at else '–'} | {_pct(at['accuracy']) if at else '–'} "
+            f"| {_pct(decided['coverage'])} ({decided['rule']}) | {_pct(decided['accuracy'])} "
             f"| {_pct(sets['coverage']) if sets else '–'} | {format(sets['mean_size'], '.2f') if sets else '–'} "
             f"| {method['seconds']:.2f} |")
     lines += ["", "Recall per class (%):", "",

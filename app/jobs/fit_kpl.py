@@ -5,9 +5,9 @@ import asyncio
 from pathlib import Path
 
 from app.errors import InvalidInput
+from app.imaging.files import IMAGE_SUFFIXES, image_files
 from app.runtime import Runtime
 from app.services.kpl_fits import FitReport
-from app.services.uploads import IMAGE_SUFFIXES, image_files
 from app.settings import Settings
 
 

@@ -26,7 +26,7 @@ from scipy.optimize import minimize
 from scipy.special import log_softmax
 
 CONFORMAL_SCORE = "lac"
-LOG_TEMPERATURE_BOUNDS = (math.log(1e-2), math.log(1e2))
+TEMPERATURE_BOUNDS = (1e-2, 1e2)
 
 
 def calibration_kind(method_name: str) -> str:
@@ -50,7 +50,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
         return nll, np.array([gradient])
 
     result = minimize(nll_and_gradient, x0=np.zeros(1), jac=True, method="L-BFGS-B",
-                      bounds=[LOG_TEMPERATURE_BOUNDS])
+                      bounds=[(math.log(TEMPERATURE_BOUNDS[0]), math.log(TEMPERATURE_BOUNDS[1]))])
     return float(math.exp(float(result.x[0])))
 
 
@@ -74,6 +74,14 @@ def conformal_threshold(probabilities: np.ndarray, labels: np.ndarray, coverage:
     return max(0.0, 1.0 - q_hat)
 
 
+def min_conformal_images(coverage: float) -> int:
+    """The fewest calibration images whose conformal threshold can exclude a class at this coverage."""
+    n = 1
+    while math.ceil((n + 1) * coverage) > n:
+        n += 1
+    return n
+
+
 def prediction_sets(probabilities: torch.Tensor, threshold: float) -> list[list[int]]:
     """(n, c) calibrated probabilities -> per image, the classes with p >= threshold, most probable first."""
     order = probabilities.argsort(dim=1, descending=True)
@@ -91,6 +99,7 @@ class Calibration:
     coverage: float                    # the target coverage of the prediction sets, e.g. 0.9
     set_threshold: float               # calibrated probability a class needs to enter the set (1 - q̂)
     method_state_version: int | None   # the method's own state it was calibrated on (a KPL fit version), or None
+    method_state_created_at: str | None  # ... and when that state was made (versions restart after a delete)
     images: dict[str, int]             # {"temperature": n, "conformal": n, "held_back": n}
     report: dict = field(default_factory=dict)   # held-back ECE / NLL before and after, coverage, set size
     dataset_hash: str = ""
@@ -111,9 +120,14 @@ class Calibration:
                    set_threshold=float(arrays["set_threshold"][0]), version=version, created_at=created_at)
 
     def applies_to(self, method_state: object | None) -> bool:
-        """Calibrated on the method as it scores now: the same learned state (a refit retires the calibration)."""
-        return self.method_state_version == state_version(method_state)
+        """Calibrated on the method as it scores now: the same learned state (a refit retires the calibration,
+        also one numbered like the old after a delete)."""
+        return (self.method_state_version, self.method_state_created_at) == state_identity(method_state)
 
 
-def state_version(method_state: object | None) -> int | None:
-    return None if method_state is None else getattr(method_state, "version", None)
+def state_identity(method_state: object | None) -> tuple[int | None, str | None]:
+    """(version, creation time) of a method's stored state (a KPLFit), (None, None) without one."""
+    if method_state is None:
+        return None, None
+    created_at = getattr(method_state, "created_at", None)
+    return getattr(method_state, "version", None), created_at.isoformat() if created_at is not None else None

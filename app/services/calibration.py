@@ -20,12 +20,15 @@ from app.errors import CalibrationNotFound, InvalidInput, MedzeroError
 from app.evaluation.scoring import prediction_set_metrics, probability_quality
 from app.methods.base import ClassHead
 from app.methods.calibration import (
+    TEMPERATURE_BOUNDS,
     Calibration,
     apply_temperature,
     calibration_kind,
     conformal_threshold,
     fit_temperature,
+    min_conformal_images,
     prediction_sets,
+    state_identity,
 )
 from app.services.classify import Classifier, state_key
 from app.services.uploads import UploadedFile
@@ -70,7 +73,7 @@ class CalibrationService:
         parts = split_indices(y, split)
         assessment = await self._classifier.assess(method, head, pool.features, calibrated=False)
         calibration = await run_in_threadpool(self._fit, head, method_name, assessment.scores.logits, y, parts,
-                                              coverage, assessment.state_version, dataset_hash, split)
+                                              coverage, state_identity(assessment.state), dataset_hash, split)
         stamp = await run_in_threadpool(self._states.add, state_key(method, head, calibration=True),
                                         *calibration.to_state())
         log.info("calibrated %s on %s v%d: T=%.3f, set threshold %.4f for coverage %.2f", method_name, label_set,
@@ -80,10 +83,17 @@ class CalibrationService:
 
     @staticmethod
     def _fit(head: ClassHead, method_name: str, logits: torch.Tensor, y: np.ndarray,
-             parts: dict[str, np.ndarray], coverage: float, method_state_version: int | None, dataset_hash: str,
+             parts: dict[str, np.ndarray], coverage: float, method_state: tuple[int | None, str | None],
+             dataset_hash: str,
              split: CalibrationSplit) -> Calibration:
         raw_logits = logits.double().numpy()
         temperature = fit_temperature(raw_logits[parts["temperature"]], y[parts["temperature"]])
+        if temperature <= TEMPERATURE_BOUNDS[0] * 1.01:
+            # NLL keeps falling as T -> 0 only when every temperature image is already right: one-hot
+            # probabilities labelled "calibrated" would be dangerous, so refuse
+            raise InvalidInput(f"the temperature ran to its lower bound ({TEMPERATURE_BOUNDS[0]}): all "
+                               f"{len(parts['temperature'])} temperature images were classified right, so they "
+                               "cannot show how sure the method should be; calibrate on more (and harder) images")
         calibrated = apply_temperature(logits, temperature)
         conformal = parts["conformal"]
         set_threshold = conformal_threshold(calibrated[conformal].double().numpy(), y[conformal], coverage)
@@ -92,10 +102,12 @@ class CalibrationService:
                   "after": probability_quality(y[held], calibrated[held].double().numpy()),
                   "prediction_sets": prediction_set_metrics(y[held],
                                                             prediction_sets(calibrated[held], set_threshold)),
-                  "split": {"share": split.share, "conformal_share": split.conformal_share, "seed": split.seed}}
+                  "split": {"share": split.share, "conformal_share": split.conformal_share, "seed": split.seed},
+                  "warnings": calibration_warnings(temperature, len(conformal), coverage)}
         return Calibration(method=method_name, label_set=head.label_set, label_set_version=head.version,
                            model_id=head.model_id, temperature=temperature, coverage=coverage,
-                           set_threshold=set_threshold, method_state_version=method_state_version,
+                           set_threshold=set_threshold, method_state_version=method_state[0],
+                           method_state_created_at=method_state[1],
                            images={name: len(index) for name, index in parts.items()}, report=report,
                            dataset_hash=dataset_hash)
 
@@ -121,6 +133,20 @@ class CalibrationService:
         return removed
 
 
+def calibration_warnings(temperature: float, n_conformal: int, coverage: float) -> list[str]:
+    """What a user must know before trusting this calibration."""
+    warnings = []
+    if temperature >= TEMPERATURE_BOUNDS[1] * 0.99:
+        warnings.append(f"the temperature ran to its upper bound ({TEMPERATURE_BOUNDS[1]}): the method's ranking "
+                        "carries (almost) no information on these images, so its probabilities are flattened to "
+                        "uniform (random weights?)")
+    needed = min_conformal_images(coverage)
+    if n_conformal < needed:
+        warnings.append(f"{n_conformal} conformal images cannot certify {coverage:.0%} coverage (it needs at least "
+                        f"{needed}): every prediction set holds every class; calibrate on more images")
+    return warnings
+
+
 def split_indices(y: np.ndarray, split: CalibrationSplit) -> dict[str, np.ndarray]:
     """Stratified (where every class has enough images), seeded: temperature / conformal / held-back indices."""
     if not 0 < split.share < 1 or not 0 < split.conformal_share < 1:
@@ -130,19 +156,25 @@ def split_indices(y: np.ndarray, split: CalibrationSplit) -> dict[str, np.ndarra
     if len(y) < needed:
         raise InvalidInput(f"calibration needs at least {needed} usable labelled images; got {len(y)}")
     calibrate, held_back = _split(np.arange(len(y)), y, split.share, split.seed)
+    if len(calibrate) < 2 * MIN_IMAGES_PER_PART or len(held_back) < MIN_IMAGES_PER_PART:
+        raise _too_few(len(y), split, "calibration" if len(calibrate) < 2 * MIN_IMAGES_PER_PART else "held-back")
     temperature, conformal = _split(calibrate, y[calibrate], 1 - split.conformal_share, split.seed)
     parts = {"temperature": temperature, "conformal": conformal, "held_back": held_back}
     small = [name for name, index in parts.items() if len(index) < MIN_IMAGES_PER_PART]
     if small:
-        raise InvalidInput(f"too few images for the {', '.join(small)} part of the split ({len(y)} images, "
-                           f"--split {split.share}); use more labelled images or another --split")
+        raise _too_few(len(y), split, ", ".join(small))
     return parts
+
+
+def _too_few(n_images: int, split: CalibrationSplit, parts: str) -> InvalidInput:
+    return InvalidInput(f"too few images for the {parts} part of the split ({n_images} images, --split "
+                        f"{split.share}); use more labelled images or another --split")
 
 
 def _split(index: np.ndarray, y: np.ndarray, first_share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     counts = np.bincount(y)
     stratify = y if counts[counts > 0].min() >= 2 else None
-    n_first = min(max(1, round(first_share * len(index))), len(index) - 1)
+    n_first = min(max(1, round(first_share * len(index))), len(index) - 1)   # callers pass >= 2 images
     if stratify is not None and min(n_first, len(index) - n_first) < len(np.unique(y)):
         stratify = None        # a part smaller than the number of classes cannot hold one of each
     first, second = train_test_split(index, train_size=n_first, stratify=stratify, random_state=seed)

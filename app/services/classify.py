@@ -28,7 +28,6 @@ from app.methods.calibration import (
     apply_temperature,
     calibration_kind,
     prediction_sets,
-    state_version,
 )
 from app.services.admission import Admission
 from app.services.label_sets import LabelSetService
@@ -75,7 +74,7 @@ class Assessment:
     probabilities: torch.Tensor               # (n_images, n_classes): calibrated when `calibration` is set
     calibration: Calibration | None
     prediction_sets: list[list[int]] | None   # per image, class indices, most probable first (calibrated only)
-    state_version: int | None = None          # the version of the method state it scored with (a KPL fit)
+    state: object | None = None               # the method state it scored with (a KPL fit), None without one
 
 
 @dataclass(frozen=True)
@@ -175,7 +174,7 @@ class Classifier:
         state = None if transductive else await self.state(method, head)
         scores = await self._score(method, head, state, image_features, transductive)
         calibration = None if transductive or not calibrated else await self.calibration(method, head, state)
-        return dataclasses.replace(self._calibrated(scores, calibration), state_version=state_version(state))
+        return dataclasses.replace(self._calibrated(scores, calibration), state=state)
 
     async def classify(self, file: UploadedFile, *, label_set: str, method: str, top_k: int | None,
                        abstain_threshold: float | None = None) -> Classification:

@@ -14,9 +14,10 @@ from starlette.concurrency import run_in_threadpool
 
 from app import metrics
 from app.errors import InvalidInput, KPLFitNotFound, MedzeroError, PayloadTooLarge
+from app.imaging.files import image_files
 from app.methods.kpl import KPL, KPLFit, prior_vector
 from app.services.classify import Classifier, state_key
-from app.services.uploads import UploadedFile, image_files, on_disk
+from app.services.uploads import UploadedFile, on_disk
 from app.storage.method_states import MethodStateRepository
 
 

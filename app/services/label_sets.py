@@ -6,6 +6,7 @@ transaction, keyed by model id; a label set registered under another model gets 
 batcher's), so text embeddings never run concurrently with image forwards. The knowledge base's group for a
 label set follows each write, after the store committed it.
 """
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -24,6 +25,12 @@ from app.storage.label_sets import LabelSetRepository
 
 log = logging.getLogger(__name__)
 BUILTINS_INSTALLED_KEY = "builtin_label_sets_installed"
+
+
+def same_classes_and_prompts(current: LabelSetSpec, new: LabelSetSpec) -> bool:
+    """Whether two specs differ at most in their abstain threshold (a decision setting, not the model's input)."""
+    fields = set(LabelSetSpec.model_fields) - {"abstain_threshold"}
+    return current.model_dump(include=fields) == new.model_dump(include=fields)
 
 
 def text_encodings(spec: LabelSetSpec) -> int:
@@ -67,7 +74,13 @@ class LabelSetService:
             raise InvalidLabelSet(f"the body names label set {spec.name!r} but the path names {name!r}; "
                                   "renaming is not supported (create the new name, then delete the old)")
         self._check_cost(spec)
-        self._repository.get(name)        # 404 before spending time on embeddings
+        current = self._repository.get(name)        # 404 before spending time on embeddings
+        if current.abstain_threshold != spec.abstain_threshold and same_classes_and_prompts(current, spec):
+            # only the abstain threshold changed: nothing the model sees did, so the version (and what was
+            # learned or calibrated for it) stays
+            updated = self._repository.update_abstain_threshold(spec, current.version)
+            if updated is not None:
+                return updated
         weights = self._embed(spec)
         label_set = self._repository.replace(spec, model_id=self._model_id, class_embeddings=weights.numpy())
         self._remember(label_set, weights)
@@ -84,6 +97,10 @@ class LabelSetService:
         with self._lock:
             created_at, cached = self._heads.get(name, (None, None))
         if cached is not None and (created_at, cached.version) == (label_set.created_at, label_set.version):
+            if cached.abstain_threshold != label_set.abstain_threshold:      # changed without a new version
+                cached = dataclasses.replace(cached, abstain_threshold=label_set.abstain_threshold)
+                with self._lock:
+                    self._heads[name] = (created_at, cached)
             return cached
         stored = self._repository.class_embeddings(name, label_set.version, self._model_id)
         if stored is not None:

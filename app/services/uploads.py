@@ -9,7 +9,6 @@ from typing import Protocol
 from app.errors import PayloadTooLarge
 
 READ_CHUNK_BYTES = 1 << 20
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom"}
 
 
 @dataclass(frozen=True)
@@ -48,8 +47,3 @@ def on_disk(path: Path, name: str, max_bytes: int) -> UploadedFile:
             raise too_large(name, max_bytes)
         return path.read_bytes()
     return UploadedFile(name, lambda: asyncio.to_thread(read))
-
-
-def image_files(folder: Path) -> list[Path]:
-    """The images under `folder` (recursively, by suffix), in a stable order."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())

@@ -53,6 +53,17 @@ class LabelSetRepository:
             row.embeddings.append(_embedding_row(model_id, row.version, class_embeddings))
         return _to_domain(row)
 
+    def update_abstain_threshold(self, spec: LabelSetSpec, version: int) -> LabelSet | None:
+        """Write `spec`, which differs from version `version` only in its abstain threshold, keeping the version
+        (and so its embeddings, fits and calibrations); None if the label set moved on meanwhile."""
+        with write_transaction(self._writers) as session:
+            row = self._row(session, spec.name, for_update=True)
+            if row.version != version:
+                return None
+            row.spec = spec.model_dump(mode="json")
+            row.updated_at = utcnow()
+        return _to_domain(row)
+
     def delete(self, name: str) -> None:
         with write_transaction(self._writers) as session:
             session.delete(self._row(session, name, for_update=True))

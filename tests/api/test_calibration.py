@@ -59,7 +59,10 @@ def test_calibrated_probabilities_and_prediction_set(client: TestClient, labelle
     expected = (logit_scale * similarities / calibration.temperature).softmax(dim=0)
     by_label = {p["label"]: p["probability"] for p in answer["predictions"]}
     assert [by_label[p["label"]] for p in raw["predictions"]] == pytest.approx(expected.tolist(), abs=1e-4)
-    assert answer["prediction_set"] == [label for label, p in by_label.items() if p >= calibration.set_threshold]
+    # the API rounds probabilities to 6 decimals: compare away from the threshold
+    surely_in = {label for label, p in by_label.items() if p >= calibration.set_threshold + 1e-6}
+    maybe_in = {label for label, p in by_label.items() if p >= calibration.set_threshold - 1e-6}
+    assert surely_in <= set(answer["prediction_set"]) <= maybe_in
 
     listed = client.get(f"/labels/{LABEL_SET}/calibration").json()
     assert [c["method"] for c in listed["data"]] == ["zeroshot"]
@@ -83,9 +86,14 @@ def test_a_label_set_update_retires_its_calibration(client: TestClient, tmp_path
     assert client.post("/labels", json=spec).status_code == 201
     calibrate(client, labelled_folder(tmp_path / "knee", {"a": 8, "b": 8}), label_set="knee")
     assert classify(client, "knee")["calibrated"] is True
+    cautious = client.put("/labels/knee", json={**spec, "abstain_threshold": 0.99}).json()
+    assert cautious["version"] == 1 and cautious["abstain_threshold"] == 0.99   # a decision setting: no new version
+    answer = classify(client, "knee")
+    assert answer["calibrated"] is True and answer["abstain_threshold"] == 0.99
     updated = {**spec, "classes": [{"name": "a", "synonyms": ["first"]}, {"name": "b"}]}
     assert client.put("/labels/knee", json=updated).json()["version"] == 2
-    assert classify(client, "knee")["calibrated"] is False
+    answer = classify(client, "knee")
+    assert answer["calibrated"] is False and answer["abstain_threshold"] is None
     assert client.get("/labels/knee/calibration").json()["data"] == []
 
 
@@ -137,8 +145,9 @@ def test_prediction_set_decision_rule(tmp_path: Path) -> None:
     labelled = labelled_folder(tmp_path / "labelled", {"normal": 12, "pneumonia": 12})
     with running_app(tiny_settings(tmp_path / "data", decision_rule="prediction_set")) as client:
         assert classify(client)["decision_rule"] == "top1"          # nothing calibrated: nothing to go by
-        calibrate(client, labelled, coverage=0.95)
-        answers = [classify(client, image=path.read_bytes()) for path in sorted(labelled.rglob("*.png"))[::3]]
+        calibrate(client, labelled, coverage=0.5)      # 6 conformal images can certify 50 %: sets of 1 or 2
+        answers = [classify(client, image=path.read_bytes()) for path in sorted(labelled.rglob("*.png"))]
+        assert {len(answer["prediction_set"]) for answer in answers} >= {1, 2}   # both cases below are seen
         for answer in answers:
             assert answer["decision_rule"] == "prediction_set"
             single = len(answer["prediction_set"]) == 1

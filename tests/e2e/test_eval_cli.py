@@ -84,6 +84,7 @@ def test_bad_data_is_one_line_not_a_traceback(tmp_path: Path, capsys: pytest.Cap
 
 def test_url_agrees_with_in_process_calibration_included(tmp_path: Path) -> None:
     data = labelled_folder(tmp_path / "images", {"normal": 10, "pneumonia": 10}, seed=3)
+    (data / "normal" / "broken.png").write_bytes(b"not a png")    # refused per image; left out of every pool
     port = free_port()
     env = server_env(tmp_path / "data", port)
     calibrated = medzero("calibrate", "--label-set", LABEL_SET, "--data", str(data), "--method", "zeroshot",
@@ -97,35 +98,43 @@ def test_url_agrees_with_in_process_calibration_included(tmp_path: Path) -> None
         try:
             base = wait_ready(f"http://127.0.0.1:{port}", server, timeout_seconds=120)
             over_http = medzero("eval", "--label-set", LABEL_SET, "--data", str(data), "--url", base,
-                                "--out", str(tmp_path / "http"), "--bootstrap", "100", "--no-progress", env=env)
+                                "--out", str(tmp_path / "http"), "--bootstrap", "100", "--abstain-threshold", "0.5",
+                                "--batch-files", "8", "--no-progress", env=env)
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=30)
     assert over_http.returncode == 0, over_http.stderr
     in_process = medzero("eval", "--label-set", LABEL_SET, "--data", str(data), "--out", str(tmp_path / "local"),
-                         "--bootstrap", "100", "--no-progress", env=env)
+                         "--bootstrap", "100", "--abstain-threshold", "0.5", "--no-progress", env=env)
     assert in_process.returncode == 0, in_process.stderr
 
     remote = json.loads((tmp_path / "http" / "results.json").read_text())
     local = json.loads((tmp_path / "local" / "results.json").read_text())
     assert remote["mode"] == f"http://127.0.0.1:{port}" and local["mode"] == "in-process"
     assert remote["dataset"]["hash"] == local["dataset"]["hash"]
+    assert [s["file"] for s in remote["dataset"]["skipped"]] == [s["file"] for s in local["dataset"]["skipped"]] == [
+        "normal/broken.png"]
     remote_rows = {m["name"]: m for m in remote["methods"]}
     local_rows = {m["name"]: m for m in local["methods"]}
     # the server balances with its default reading; in-process shows both
     assert set(remote_rows) == {"zeroshot", "kpl", "kpl · transductive · reference"} < set(local_rows)
     assert remote_rows["zeroshot"]["calibrated"] and local_rows["zeroshot"]["calibrated"]
     assert not remote_rows["kpl"]["calibrated"]
+    assert remote_rows["zeroshot"]["calibration"] == local_rows["zeroshot"]["calibration"]      # version, T, held-back
     for name in remote_rows:
         tolerance = 1e-3 if "transductive" in name else 1e-4   # a fit on features from differently sized forwards
         for remote_image, local_image in zip(remote["predictions"], local["predictions"]):
             assert remote_image["file"] == local_image["file"]
             assert remote_image["methods"][name]["probabilities"] == pytest.approx(
                 local_image["methods"][name]["probabilities"], abs=tolerance)
+            if "transductive" not in name:
+                assert remote_image["methods"][name]["decision"] == local_image["methods"][name]["decision"]
         assert remote_rows[name]["metrics"]["accuracy"] == local_rows[name]["metrics"]["accuracy"]
     sets = [(r["methods"]["zeroshot"]["prediction_set"], lo["methods"]["zeroshot"]["prediction_set"])
             for r, lo in zip(remote["predictions"], local["predictions"])]
     assert all(a == b for a, b in sets)
     assert remote_rows["zeroshot"]["metrics"]["prediction_sets"] == local_rows["zeroshot"]["metrics"][
         "prediction_sets"]
-    assert any("calibrated on these same images" in note for note in local["notes"])
+    assert remote_rows["zeroshot"]["metrics"]["decisions"] == local_rows["zeroshot"]["metrics"]["decisions"]
+    assert local_rows["zeroshot"]["metrics"]["decisions"]["rule"] == "threshold"
+    assert all(any("calibrated on these same images" in note for note in r["notes"]) for r in (local, remote))

@@ -296,3 +296,12 @@ def test_prediction_set_metrics_by_hand() -> None:
     assert metrics == {"coverage": 0.5, "mean_size": 1.0, "empty": 0.25, "singleton": 0.5,
                        "size_histogram": {"0": 1, "1": 2, "2": 1}}
     json.dumps(metrics, allow_nan=False)
+
+
+def test_decision_metrics_count_answers_and_their_accuracy() -> None:
+    from app.evaluation.scoring import decision_metrics
+
+    # 5 images, 2 abstained; of the 3 answered, 2 are right
+    result = decision_metrics(np.array([0, 1, 2, 1, 0]), [0, None, 1, 1, None])
+    assert result == {"coverage": 0.6, "accuracy": pytest.approx(2 / 3), "answered": 3, "abstained": 2}
+    assert decision_metrics(np.array([0, 1]), [None, None])["accuracy"] is None

@@ -87,9 +87,14 @@ def test_prediction_sets_hold_classes_above_the_threshold_most_probable_first() 
 def test_calibration_state_round_trip_and_what_it_applies_to() -> None:
     class Fit:
         version = 3
+        created_at = datetime(2026, 1, 1, tzinfo=UTC)
+
+    class Refit(Fit):              # after a delete, the next fit is numbered 3 again: a different state
+        created_at = datetime(2026, 2, 1, tzinfo=UTC)
 
     calibration = Calibration(method="kpl", label_set="x", label_set_version=2, model_id="m", temperature=1.7,
                               coverage=0.9, set_threshold=0.21, method_state_version=3,
+                              method_state_created_at=Fit.created_at.isoformat(),
                               images={"temperature": 10, "conformal": 10, "held_back": 20},
                               report={"before": {"ece": 0.2}}, dataset_hash="sha256:ab")
     arrays, meta = calibration.to_state()
@@ -97,4 +102,5 @@ def test_calibration_state_round_trip_and_what_it_applies_to() -> None:
     restored = Calibration.from_state(arrays, meta, 4, created)
     assert restored == Calibration(**{**calibration.__dict__, "version": 4, "created_at": created})
     assert restored.applies_to(Fit())
+    assert not restored.applies_to(Refit())
     assert not restored.applies_to(None)          # calibrated on fit v3; without a fit kpl scores differently

@@ -32,4 +32,5 @@ def to_public(calibration: Calibration) -> CalibrationPublic:
         calibration_version=calibration.version, temperature=calibration.temperature,
         coverage=calibration.coverage, set_threshold=calibration.set_threshold, score=calibration.score,
         method_state_version=calibration.method_state_version, images=calibration.images,
+        dataset_hash=calibration.dataset_hash,
         report=calibration.report, created_at=calibration.created_at)
