@@ -6,6 +6,7 @@
     medzero kpl fit --label-set NAME --images DIR            fit KPL proxies offline; the server uses them
     medzero eval --label-set NAME --data DIR|CSV [--url URL] measure every method on labelled images
     medzero calibrate --label-set NAME --data DIR --method M temperature + conformal prediction sets
+    medzero train meduna --label-set NAME --images DIR --out DIR   MedUnA adapter + prompt tokens, offline
 """
 import argparse
 import json
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 from app.errors import MedzeroError
+from app.methods.meduna_config import ImageStageConfig, TextStageConfig
 from app.settings import Settings
 
 log = logging.getLogger("medzero")
@@ -21,7 +23,10 @@ log = logging.getLogger("medzero")
 COMMAND_ARGUMENTS = {"command", "kb_command", "kpl_command", "label_set", "n_per_class", "no_progress", "images",
                      "class_prior", "data", "methods", "kpl_balancings", "no_transductive", "mapping", "out", "url",
                      "api_key", "batch_files", "http_timeout", "abstain_threshold", "seed", "bootstrap", "method",
-                     "split", "coverage", "conformal_share"}
+                     "split", "coverage", "conformal_share", "train_command", "resume", "force",
+                     *(f"text_{name}" for name in ("steps", "lr", "weight_decay", "noise_std")),
+                     "prompt_tokens", "epochs", "batch_size", "lr", "momentum", "weight_decay", "ce_weight",
+                     "entropy_weight", "selection", "smoothing", "lr_decay", "lr_milestones"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,7 +106,46 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--coverage", type=float, default=0.9, help="target coverage of the prediction sets")
     calibrate.add_argument("--seed", type=int, default=0, help="split seed")
     add_model_arguments(calibrate)
+
+    train = commands.add_parser("train", help="offline training jobs whose results the server loads")
+    train_commands = train.add_subparsers(dest="train_command", required=True)
+    meduna = train_commands.add_parser(
+        "meduna", help="MedUnA: an adapter trained on the label set's descriptions, refined with visual prompt "
+                       "tokens on unlabelled images; writes adapter.safetensors + manifest.json",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    meduna.add_argument("--label-set", required=True)
+    meduna.add_argument("--images", required=True, type=Path, help="unlabelled images (searched recursively)")
+    meduna.add_argument("--out", required=True, type=Path, help="output folder (checkpoints go in out/checkpoints)")
+    meduna.add_argument("--seed", type=int, default=0)
+    meduna.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    meduna.add_argument("--force", action="store_true", help="replace an adapter already in --out")
+    text, image = TextStageConfig(), ImageStageConfig()
+    meduna.add_argument("--text-steps", type=int, default=text.steps, help="stage 1 AdamW steps")
+    meduna.add_argument("--text-lr", type=float, default=text.lr)
+    meduna.add_argument("--text-weight-decay", type=float, default=text.weight_decay)
+    meduna.add_argument("--text-noise-std", type=float, default=text.noise_std,
+                        help="Gaussian noise added to the description embeddings each step")
+    meduna.add_argument("--smoothing", type=float, default=text.smoothing, help="label smoothing, both stages")
+    meduna.add_argument("--prompt-tokens", type=int, default=image.n_prompt_tokens)
+    meduna.add_argument("--epochs", type=int, default=image.epochs, help="stage 2 epochs")
+    meduna.add_argument("--batch-size", type=int, default=image.batch_size)
+    meduna.add_argument("--lr", type=float, default=image.lr, help="stage 2 SGD learning rate")
+    meduna.add_argument("--momentum", type=float, default=image.momentum)
+    meduna.add_argument("--weight-decay", type=float, default=image.weight_decay)
+    meduna.add_argument("--ce-weight", type=float, default=image.ce_weight)
+    meduna.add_argument("--entropy-weight", type=float, default=image.entropy_weight)
+    meduna.add_argument("--selection", type=float, default=image.selection,
+                        help="share of each batch's most confident rows in the entropy term")
+    meduna.add_argument("--lr-decay", type=float, default=image.lr_decay, help="MultiStepLR gamma")
+    meduna.add_argument("--lr-milestones", type=comma_ints, default=list(image.lr_milestones),
+                        help="epochs at which the rate decays (the reference passes none: constant)")
+    meduna.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_model_arguments(meduna)
     return parser
+
+
+def comma_ints(text: str) -> list[int]:
+    return [int(part) for part in comma_list(text)]
 
 
 def add_labelled_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -160,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
                           options=options, url=args.url, api_key=args.api_key)
             print((args.out / "results.md").read_text())
             print(f"wrote {args.out}/results.json, results.md and plots")
+        elif args.command == "train" and args.train_command == "meduna":
+            from app.jobs import train_meduna
+            print(render_meduna(train_meduna.main(settings, args.label_set, args.images, args.out,
+                                                  config=meduna_config(args), resume=args.resume, force=args.force,
+                                                  progress=progress)))
         elif args.command == "calibrate":
             from app.evaluation.dataset import parse_mapping
             from app.jobs import calibrate
@@ -192,6 +241,37 @@ def render_fit(report) -> str:
     if report.skipped:
         lines.append(f"skipped {len(report.skipped)} files: "
                      + ", ".join(f"{name} ({error.code})" for name, error in report.skipped[:5]))
+    return "\n".join(lines)
+
+
+def meduna_config(args: argparse.Namespace):
+    from app.jobs.train_meduna import MedUnAConfig
+    text = TextStageConfig(steps=args.text_steps, lr=args.text_lr, weight_decay=args.text_weight_decay,
+                           noise_std=args.text_noise_std, smoothing=args.smoothing)
+    image = ImageStageConfig(n_prompt_tokens=args.prompt_tokens, epochs=args.epochs, batch_size=args.batch_size,
+                             lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                             ce_weight=args.ce_weight, entropy_weight=args.entropy_weight, selection=args.selection,
+                             smoothing=args.smoothing, lr_decay=args.lr_decay,
+                             lr_milestones=tuple(args.lr_milestones))
+    return MedUnAConfig(text=text, image=image, seed=args.seed)
+
+
+def render_meduna(report) -> str:
+    manifest = report.manifest
+    stage1, stage2 = manifest["metrics"]["stage1"], manifest["metrics"]["stage2"]
+    lines = [f"MedUnA adapter for {manifest['label_set']} v{manifest['label_set_version']} under "
+             f"{manifest['model_id']} -> {report.out_dir}",
+             f"stage 1: loss {stage1['first_loss']:.4f} -> {stage1['final_loss']:.4f}, train accuracy on "
+             f"descriptions {stage1['train_accuracy']:.1%}, {stage1['seconds']:.1f} s",
+             "stage 2 epoch | loss | CE | entropy | seconds", "--:|--:|--:|--:|--:"]
+    lines += [f"{e['epoch']} | {e['loss']:.4f} | {e['ce']:.4f} | {e['entropy']:.4f} | {e['seconds']:.1f}"
+              for e in stage2["epochs"]]
+    labelled = manifest["metrics"]["labelled_accuracy"]
+    if labelled:
+        lines.append(f"labelled accuracy on {labelled['images']} images: zeroshot {labelled['zeroshot']:.1%}, "
+                     f"stage 1 {labelled['stage1']:.1%}, stage 2 {labelled['stage2']:.1%}")
+    if report.skipped:
+        lines.append(f"skipped {len(report.skipped)} files: " + ", ".join(f for f, _ in report.skipped[:5]))
     return "\n".join(lines)
 
 
