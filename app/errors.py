@@ -7,12 +7,16 @@ MedzeroError
  ├── NotFound (404)
  │    ├── LabelSetNotFound
  │    ├── KPLFitNotFound
- │    └── CalibrationNotFound      no current calibration of that method (medzero calibrate makes one)
+ │    ├── CalibrationNotFound      no current calibration of that method (medzero calibrate makes one)
+ │    └── UnknownAdapter           GET/DELETE /adapters/{id} of an id not loaded
  ├── Conflict (409)
- │    └── LabelSetExists
+ │    ├── LabelSetExists
+ │    ├── AdapterNotFound          method=meduna with no adapter for the label set (says how to train one)
+ │    └── AdapterMismatch          a bundle for another model, label-set version, class order or corpus
  ├── PayloadTooLarge (413)
  │    └── ImageTooLarge            decoded pixel count over the limit (decompression bombs)
  ├── UnsupportedMediaType (415)
+ ├── InvalidAdapter (422)         a bundle that is not one (missing files, bad manifest, hash or shapes)
  ├── InvalidInput (422)
  │    ├── InvalidImage             empty, truncated, or not an image at all
  │    ├── UnsupportedDicom         no pixel data, multi-frame, unknown photometric interpretation
@@ -71,8 +75,24 @@ class CalibrationNotFound(NotFound):
     code = "calibration_not_found"
 
 
+class UnknownAdapter(NotFound):
+    code = "unknown_adapter"
+
+
 class Conflict(MedzeroError):
     status_code, code = 409, "conflict"
+
+
+class AdapterNotFound(Conflict):
+    code = "adapter_not_found"
+
+
+class AdapterMismatch(Conflict):
+    code = "adapter_mismatch"
+
+
+class InvalidAdapter(MedzeroError):
+    status_code, code = 422, "invalid_adapter"
 
 
 class LabelSetExists(Conflict):

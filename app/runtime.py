@@ -19,11 +19,14 @@ import torch
 from app import metrics
 from app.encoders.batcher import Batcher
 from app.encoders.loader import Encoder, load_encoder
+from app.encoders.visual_prompts import vision_width
 from app.errors import MedzeroError, NotReady
 from app.knowledge.knowledge_base import KnowledgeBase
 from app.methods.base import Method
 from app.methods.kpl import KPL, KPLConfig
+from app.methods.meduna import MedUnA
 from app.methods.zero_shot import ZeroShot
+from app.services.adapters import AdapterService
 from app.services.admission import Admission
 from app.services.builtin_label_sets import BUILTIN_LABEL_SETS
 from app.services.calibration import CalibrationService
@@ -47,6 +50,14 @@ def kpl_config(settings: Settings) -> KPLConfig:
                      proxy_iters=settings.kpl_proxy_iters)
 
 
+def prompt_width(encoder: Encoder) -> int | None:
+    """The token width visual prompts need, or None when the vision tower is no transformer (no meduna)."""
+    try:
+        return vision_width(encoder.model.visual)
+    except TypeError:
+        return None
+
+
 def metric_label_sets(settings: Settings) -> MetricLabelSets:
     """Built-in label sets with their own class names, plus the allow-listed ones with all of theirs."""
     allowed: dict[str, frozenset[str] | None] = {spec.name: frozenset(c.name for c in spec.classes)
@@ -64,6 +75,7 @@ class Core:
     classifier: Classifier
     kpl_fits: KPLFitService
     calibrations: CalibrationService
+    adapters: AdapterService
 
 
 class Runtime:
@@ -120,6 +132,10 @@ class Runtime:
     @property
     def calibrations(self) -> CalibrationService:
         return self._ready_core().calibrations
+
+    @property
+    def adapters(self) -> AdapterService:
+        return self._ready_core().adapters
 
     @property
     def state(self) -> State:
@@ -199,8 +215,8 @@ class Runtime:
             changed = knowledge.sync(label_sets.list(), progress=progress, rebuild=index == "rebuild")
             log.info("description index: %d descriptions for %s (%s)", knowledge.manifest.get("count", 0),
                      encoder.model_id, f"re-embedded {', '.join(changed)}" if changed else "loaded as saved")
-        kpl = KPL(knowledge, kpl_config(settings))
-        methods: dict[str, Method] = {m.name: m for m in (ZeroShot(), kpl)}
+        kpl, meduna = KPL(knowledge, kpl_config(settings)), MedUnA()
+        methods: dict[str, Method] = {m.name: m for m in (ZeroShot(), kpl, meduna)}
         classifier = Classifier(preprocess=encoder.preprocess, logit_scale=encoder.logit_scale, batcher=batcher,
                                 label_sets=label_sets, states=self.states, methods=methods, admission=self.admission,
                                 decode_workers=settings.decode_workers,
@@ -211,8 +227,15 @@ class Runtime:
         kpl_fits = KPLFitService(classifier, kpl, self.states, pool_root=settings.kpl_pool_root,
                                  max_pool_images=settings.kpl_max_pool_images,
                                  max_upload_bytes=settings.max_upload_bytes)
+        adapters = AdapterService(meduna, self.states, head=label_sets.head,
+                                  label_set_names=lambda: [ls.name for ls in label_sets.list()],
+                                  corpus_hash=lambda: knowledge.manifest.get("corpus_hash"),
+                                  embed_dim=encoder.embed_dim, vision_width=prompt_width(encoder))
+        loaded = adapters.load_dir(settings.resolved_adapters_dir)
+        if loaded:
+            log.info("adapters: %d bundles under %s", len(loaded), settings.resolved_adapters_dir)
         return Core(encoder, batcher, label_sets, knowledge, classifier, kpl_fits,
-                    CalibrationService(classifier, self.states))
+                    CalibrationService(classifier, self.states), adapters)
 
     def _fail(self, reason: str) -> None:
         self._state, self._failure = "failed", reason

@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     kpl_proxy_iters: int = Field(2000, ge=1)
     kpl_pool_root: Path | None = None          # server-side folders under this root may be fitted on
     kpl_max_pool_images: int = Field(20000, ge=2)
+    # trained adapters (`medzero train meduna` bundles): every one under this folder is loaded at start-up
+    adapters_dir: Path | None = None           # default: <data_dir>/adapters
+
     # decisions: below a label set's abstain_threshold the decision is 'uncertain'; "prediction_set" also answers
     # 'uncertain' unless a calibrated method's prediction set is a single class
     decision_rule: Literal["threshold", "prediction_set"] = "threshold"
@@ -87,6 +90,10 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [name.strip() for name in value.split(",") if name.strip()]
         return value
+
+    @property
+    def resolved_adapters_dir(self) -> Path:
+        return self.adapters_dir or self.data_dir / "adapters"
 
     @property
     def resolved_database_url(self) -> str:

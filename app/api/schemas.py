@@ -208,3 +208,22 @@ class KPLFitPublic(BaseModel):
     evidence: dict[str, list[EvidenceDescription]] = Field(
         description="Per class, the descriptions that built its text proxy; similarity = mean over the pool.")
     skipped: list[BatchItem] = Field(default_factory=list, description="Pool files that could not be used.")
+
+
+class AdapterPublic(BaseModel):
+    id: str = Field(description="sha256 of the bundle's adapter.safetensors (a 12+ character prefix also works).")
+    method: str
+    label_set: str
+    label_set_version: int
+    model: str
+    class_names: list[str]
+    prompt_tokens: int = Field(description="Visual prompt tokens the encoder runs with for this adapter.")
+    version: int = Field(description="1, 2, ... per label set: a new bundle replaces the previous one.")
+    created_at: datetime
+    metrics: dict = Field(description="What the training job measured (manifest.json's metrics).")
+    config: dict = Field(description="Every hyper-parameter it was trained with.")
+
+
+class AdaptersPublic(BaseModel):
+    data: list[AdapterPublic]
+    count: int

@@ -1,10 +1,13 @@
 """Micro-batching: concurrent requests share one encoder forward (infinity's batch_handler, TEI's queue).
 
-Requests put preprocessed image tensors on a queue and await a future. One worker task takes the first waiting
+Requests put preprocessed image tensors on a queue and await a future; `encode_images(pixels)` runs a plain
+forward, `encode_images(pixels, prompts)` a prompted one. One worker task takes the first waiting
 image plus whatever else is queued (up to `max_batch_size`) and runs a single forward on the encoder's own thread,
 so the event loop never blocks on torch; while a forward runs, new requests queue up and form the next batch. It
 waits (at most `max_wait_seconds`) for more only when callers announced images that are still being decoded
-(`expecting`), so a lone request never pays the wait and a batch request's images share forwards.
+(`expecting`), so a lone request never pays the wait and a batch request's images share forwards. Images for a
+prompted encoder (a MedUnA adapter's prompt tokens) share forwards with images for the same prompts only: a
+forward is plain or prompted with one set of tokens, never a mix; the others wait for the next forward, in order.
 
 The queue is not bounded here: only images holding an admission permit (app.services.admission) reach it.
 Everything else that runs the model -- text embeddings for label sets and the description index -- goes through
@@ -16,6 +19,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -40,17 +44,19 @@ class Announcement:
 class _Pending:
     pixels: torch.Tensor                     # (3, H, W), preprocessed
     future: asyncio.Future
+    prompts: torch.Tensor | None = None      # prompt tokens to encode with (by identity), None: the plain encoder
     enqueued_at: float = field(default_factory=time.perf_counter)
 
 
 class Batcher:
-    def __init__(self, encode_images: Callable[[torch.Tensor], torch.Tensor], *, max_batch_size: int,
+    def __init__(self, encode_images: Callable[..., torch.Tensor], *, max_batch_size: int,
                  max_wait_seconds: float, timeout_seconds: float) -> None:
         self._encode_images = encode_images
         self._max_batch_size = max_batch_size
         self._max_wait_seconds = max_wait_seconds
         self._timeout_seconds = timeout_seconds
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._deferred: deque[_Pending] = deque()   # taken off the queue for another forward's prompts: go first
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medzero-encoder")
         self._encoder_thread: int | None = None
         self._worker: asyncio.Task | None = None
@@ -85,7 +91,7 @@ class Batcher:
     @property
     def pending_images(self) -> int:
         """Images submitted and not answered yet: queued, or in the forward that runs (or waits to run) now."""
-        return self._queue.qsize() + len(self._in_flight)
+        return self._queue.qsize() + len(self._deferred) + len(self._in_flight)
 
     @contextmanager
     def expecting(self, n_images: int = 1) -> Iterator["Announcement"]:
@@ -105,14 +111,16 @@ class Batcher:
         self._announced -= n_images
         self._arrival.set()
 
-    async def encode(self, pixels: torch.Tensor, announcement: "Announcement | None" = None) -> torch.Tensor:
-        """One preprocessed image (3, H, W) -> its (dim,) L2-normalised embedding, batched with its neighbours."""
+    async def encode(self, pixels: torch.Tensor, announcement: "Announcement | None" = None,
+                     prompts: torch.Tensor | None = None) -> torch.Tensor:
+        """One preprocessed image (3, H, W) -> its (dim,) L2-normalised embedding, batched with its neighbours
+        (those for the same `prompts` tensor, or plain ones when None)."""
         if not self.running:
             raise NotReady(self.failure or "the encoder is not running")
         if announcement is not None and announcement.pending > 0:
             announcement.pending -= 1
             self._announced -= 1
-        pending = _Pending(pixels, asyncio.get_running_loop().create_future())
+        pending = _Pending(pixels, asyncio.get_running_loop().create_future(), prompts)
         self._queue.put_nowait(pending)
         self._arrival.set()
         metrics.QUEUE_IMAGES.set(self._queue.qsize())
@@ -150,8 +158,9 @@ class Batcher:
             self._in_flight = batch
             try:
                 pixels = torch.stack([p.pixels for p in batch])
+                prompts = () if batch[0].prompts is None else (batch[0].prompts,)
                 features = await loop.run_in_executor(self._executor, self._on_encoder_thread, self._encode_images,
-                                                      pixels)
+                                                      pixels, *prompts)
                 if len(features) != len(batch):
                     raise RuntimeError(f"the encoder returned {len(features)} embeddings for {len(batch)} images")
             except Exception as exc:   # a failed forward fails its requests, never the worker
@@ -166,22 +175,35 @@ class Batcher:
             self._resolve(batch, rows=features)
 
     async def _next_batch(self) -> list[_Pending]:
-        batch = [await self._queue.get()]
+        batch = [self._deferred.popleft() if self._deferred else await self._queue.get()]
+        others: list[_Pending] = []             # for other prompts: the next forwards', in arrival order
         deadline = time.perf_counter() + self._max_wait_seconds
-        while len(batch) < self._max_batch_size:
-            if not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-                continue
-            remaining = deadline - time.perf_counter()
-            if self._announced <= 0 or remaining <= 0:
-                break
-            self._arrival.clear()
-            try:
-                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel that races a wake-up
-                async with asyncio.timeout(remaining):
-                    await self._arrival.wait()
-            except TimeoutError:
-                break
+        try:
+            return await self._fill(batch, others, deadline)
+        finally:
+            self._deferred.extendleft(reversed(others))
+
+    async def _fill(self, batch: list[_Pending], others: list[_Pending], deadline: float) -> list[_Pending]:
+        waiting = deque(self._deferred)
+        self._deferred.clear()
+        try:
+            while len(batch) < self._max_batch_size:
+                if waiting or not self._queue.empty():
+                    pending = waiting.popleft() if waiting else self._queue.get_nowait()
+                    (batch if pending.prompts is batch[0].prompts else others).append(pending)
+                    continue
+                remaining = deadline - time.perf_counter()
+                if self._announced <= 0 or remaining <= 0:
+                    break
+                self._arrival.clear()
+                try:
+                    # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel that races a wake-up
+                    async with asyncio.timeout(remaining):
+                        await self._arrival.wait()
+                except TimeoutError:
+                    break
+        finally:
+            others.extend(waiting)              # not looked at: still in order, still first
         return [pending for pending in batch if not pending.future.done()]   # callers that gave up: no forward
 
     @staticmethod
@@ -197,6 +219,8 @@ class Batcher:
     def _fail_waiting(self, error: Exception) -> None:
         self._resolve(self._in_flight, error=error)
         self._in_flight = []
+        self._resolve(list(self._deferred), error=error)
+        self._deferred.clear()
         while not self._queue.empty():
             self._resolve([self._queue.get_nowait()], error=error)
         metrics.QUEUE_IMAGES.set(0)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from open_clip.factory import parse_model_name
 from PIL import Image
 
+from app.encoders.visual_prompts import prompts_inserted
 from app.errors import ModelLoadError
 from app.settings import DEMO_MODEL_NAME, Settings
 
@@ -52,9 +53,15 @@ class Encoder:
         return int(self.encode_texts(["x"]).shape[-1])
 
     @torch.inference_mode()
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """(n, 3, H, W) preprocessed pixels -> (n, dim) float32 on the CPU, L2-normalised."""
-        features = self.model.encode_image(images.to(self.device, self.dtype, non_blocking=True))
+    def encode_images(self, images: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
+        """(n, 3, H, W) preprocessed pixels -> (n, dim) float32 on the CPU, L2-normalised; with `prompts`
+        (n_tokens, width) the vision tower runs with those visual prompt tokens (a MedUnA adapter's)."""
+        pixels = images.to(self.device, self.dtype, non_blocking=True)
+        if prompts is None:
+            features = self.model.encode_image(pixels)
+        else:
+            with prompts_inserted(self.model.visual, prompts.to(self.device)):
+                features = self.model.encode_image(pixels)
         return F.normalize(features.float(), dim=-1).cpu()
 
     @torch.inference_mode()

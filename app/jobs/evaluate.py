@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from app import __version__
-from app.errors import InvalidInput
+from app.errors import Conflict, InvalidInput
 from app.evaluation.dataset import LabelledImages, dataset_hash, load_labelled, relative_name
 from app.evaluation.plots import PlotInput, write_plots
 from app.evaluation.scoring import (
@@ -140,7 +140,12 @@ async def evaluate_with(runtime: Runtime, source: Path, label_set: str, mapping:
                 evaluation.notes.append(f"{method.name} transductive: needs at least 2 images; skipped")
                 continue
             started = time.perf_counter()
-            assessment = await classifier.assess(variant, head, pool.features, transductive=transductive)
+            try:
+                assessment = await classifier.assess(variant, head, pool.features, transductive=transductive,
+                                                     files=[files[i] for i in pool.used])
+            except Conflict as exc:       # a method without the state it needs (meduna, no adapter): no row
+                evaluation.notes.append(f"{method.name}: {exc}")
+                continue
             calibration = assessment.calibration
             sets = assessment.prediction_sets
             decided = [classifier.decide(head, assessment.probabilities[i], sets[i] if sets else None,
@@ -221,7 +226,7 @@ def evaluate_over_http(url: str, source: Path, label_set: str, mapping: dict[str
             try:
                 by_image = http.classify(name, transductive)
             except _RowRefused as exc:
-                evaluation.notes.append(f"{name} transductive: {exc}")
+                evaluation.notes.append(f"{_row_name(name, transductive)}: {exc}")
                 continue
             answers[(name, transductive)] = by_image, time.perf_counter() - started
         evaluation.used = [i for i in range(len(images.paths)) if i not in http.failures]
@@ -306,6 +311,8 @@ class _HttpRows:
                 continue
             if response.status_code == 200:
                 return response.json()
+            if response.status_code == 409:   # the method lacks the state it needs (meduna, no adapter): no row
+                raise _RowRefused(_error_text(response))
             if transductive:
                 raise _RowRefused(f"the server refused the pool of {len(batch)} images in one batch "
                                   f"({response.status_code}: {_error_text(response)}); raise "

@@ -39,6 +39,9 @@ from app.imaging.decode import decode_image
 from app.imaging.files import image_files
 from app.methods.base import ClassHead
 from app.methods.meduna import (
+    ADAPTER_FILE,
+    BUNDLE_FORMAT,
+    MANIFEST_FILE,
     ImageStageConfig,
     TextStageConfig,
     adapter_logits,
@@ -50,8 +53,7 @@ from app.runtime import Runtime
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
-BUNDLE_FORMAT = "medzero-meduna/1"
-ADAPTER_FILE, MANIFEST_FILE, CHECKPOINTS = "adapter.safetensors", "manifest.json", "checkpoints"
+CHECKPOINTS = "checkpoints"
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,16 @@ Where we deliberately differ from the script: student features are normalised (a
 are), and the confident subset keeps at least one row (the script's int() keeps none below 10 rows).
 """
 import math
+from dataclasses import dataclass, field
+from datetime import datetime
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from app.errors import AdapterNotFound
+from app.methods.base import ClassHead, Scores
 from app.methods.meduna_config import ImageStageConfig, TextStageConfig  # noqa: F401  (re-exported)
 
 
@@ -95,3 +100,62 @@ def train_text_adapter(features: torch.Tensor, labels: torch.Tensor, n_classes: 
 def adapter_logits(image_features: torch.Tensor, adapter_weight: torch.Tensor) -> torch.Tensor:
     """(n, d) image features (normalised here) · Wᵀ -> (n, c) logits; the adapter carries its own scale."""
     return F.normalize(image_features, dim=-1) @ adapter_weight.T
+
+BUNDLE_FORMAT = "medzero-meduna/1"               # what `medzero train meduna` writes and the server reads
+ADAPTER_FILE, MANIFEST_FILE = "adapter.safetensors", "manifest.json"
+
+
+@dataclass(frozen=True)
+class MedUnAAdapter:
+    """A trained adapter as the server keeps it (method state kind "meduna" of its label-set version)."""
+    adapter_id: str                    # sha256 of its adapter.safetensors
+    label_set: str
+    label_set_version: int
+    model_id: str
+    class_names: tuple[str, ...]
+    adapter_weight: torch.Tensor       # (n_classes, dim)
+    prompt_tokens: torch.Tensor        # (n_tokens, width): the encoder runs with these for method=meduna
+    manifest: dict = field(default_factory=dict)
+    version: int = 0
+    created_at: datetime | None = None
+
+    def to_state(self) -> tuple[dict[str, np.ndarray], dict]:
+        arrays = {"adapter": self.adapter_weight.numpy(), "prompt_tokens": self.prompt_tokens.numpy()}
+        return arrays, {"adapter_id": self.adapter_id, "class_names": list(self.class_names),
+                        "manifest": self.manifest}
+
+    @classmethod
+    def from_state(cls, arrays: dict[str, np.ndarray], meta: dict, version: int,
+                   created_at: datetime) -> "MedUnAAdapter":
+        manifest = meta["manifest"]
+        return cls(meta["adapter_id"], manifest["label_set"], manifest["label_set_version"], manifest["model_id"],
+                   tuple(meta["class_names"]), torch.from_numpy(arrays["adapter"]),
+                   torch.from_numpy(arrays["prompt_tokens"]), manifest, version, created_at)
+
+
+class MedUnA:
+    """method=meduna: the label set's trained adapter on the features of the encoder prompted with its tokens
+    (the service encodes with `state.prompt_tokens`); no adapter -> 409 naming the job that trains one."""
+    name = "meduna"
+    state_kind = "meduna"
+    supports_transductive = False
+
+    def load_state(self, arrays: dict[str, np.ndarray], meta: dict, version: int,
+                   created_at: datetime) -> MedUnAAdapter:
+        return MedUnAAdapter.from_state(arrays, meta, version, created_at)
+
+    def require(self, head: ClassHead, state: MedUnAAdapter | None) -> MedUnAAdapter:
+        if state is None:
+            raise AdapterNotFound(
+                f"label set {head.label_set!r} v{head.version} has no MedUnA adapter under {head.model_id}; train "
+                f"one with `medzero train meduna --label-set {head.label_set} --images DIR --out DIR` and load it "
+                "with POST /adapters (or put it under MEDZERO_ADAPTERS_DIR)")
+        return state
+
+    def score(self, image_features: torch.Tensor, head: ClassHead, state: MedUnAAdapter | None, *,
+              logit_scale: float, transductive: bool = False) -> Scores:
+        adapter = self.require(head, state)
+        weight = adapter.adapter_weight.to(image_features.dtype)
+        similarities = F.normalize(image_features, dim=-1) @ F.normalize(weight, dim=-1).T
+        return Scores(adapter_logits(image_features, weight), similarities,
+                      details={"adapter_id": adapter.adapter_id, "adapter_version": adapter.version})

@@ -71,7 +71,8 @@ class CalibrationService:
                                                   description=f"encoding calibration images for {label_set}")
         y = np.array([head.class_names.index(labels[i]) for i in pool.used], dtype=np.int64)
         parts = split_indices(y, split)
-        assessment = await self._classifier.assess(method, head, pool.features, calibrated=False)
+        assessment = await self._classifier.assess(method, head, pool.features, calibrated=False,
+                                                   files=[files[i] for i in pool.used])
         calibration = await run_in_threadpool(self._fit, head, method_name, assessment.scores.logits, y, parts,
                                               coverage, state_identity(assessment.state), dataset_hash, split)
         stamp = await run_in_threadpool(self._states.add, state_key(method, head, calibration=True),

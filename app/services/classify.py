@@ -168,10 +168,19 @@ class Classifier:
         return calibration if calibration is not None and calibration.applies_to(method_state) else None
 
     async def assess(self, method: Method, head: ClassHead, image_features: torch.Tensor, *,
-                     transductive: bool = False, calibrated: bool = True) -> Assessment:
+                     transductive: bool = False, calibrated: bool = True,
+                     files: Sequence[UploadedFile] | None = None) -> Assessment:
         """Score encoded images as /classify does: the method's stored state, then its calibration (not for a
-        transductive batch, whose proxies are fitted on the batch itself; not when `calibrated` is False)."""
+        transductive batch, whose proxies are fitted on the batch itself; not when `calibrated` is False).
+        A state with its own prompt tokens (MedUnA) needs its own forward: `files` (those `image_features` were
+        encoded from) are encoded again with them."""
         state = None if transductive else await self.state(method, head)
+        _require_state(method, head, state)
+        prompts = _prompts(state)
+        if prompts is not None:
+            if files is None:
+                raise ValueError(f"method {method.name} encodes with its own prompt tokens: pass the files")
+            image_features = (await self.encode_pool(files, prompts=prompts)).features
         scores = await self._score(method, head, state, image_features, transductive)
         calibration = None if transductive or not calibrated else await self.calibration(method, head, state)
         return dataclasses.replace(self._calibrated(scores, calibration), state=state)
@@ -184,8 +193,9 @@ class Classifier:
         with self._admission.try_acquire(1):
             head = await self.head(label_set)
             state = await self.state(chosen, head)
+            _require_state(chosen, head, state)
             calibration = await self.calibration(chosen, head, state)
-            [outcome] = await self.encode_files([file])
+            [outcome] = await self.encode_files([file], prompts=_prompts(state))
             if isinstance(outcome, MedzeroError):
                 raise outcome
             scores = await self._score(chosen, head, state, outcome.features.unsqueeze(0), transductive=False)
@@ -205,8 +215,9 @@ class Classifier:
         with self._admission.try_acquire(len(files)):
             head = await self.head(label_set)
             state = None if transductive else await self.state(chosen, head)
+            _require_state(chosen, head, state)
             calibration = None if transductive else await self.calibration(chosen, head, state)
-            outcomes = await self.encode_files(files)
+            outcomes = await self.encode_files(files, prompts=_prompts(state))
             if transductive:
                 _refuse_partial_batch(files, outcomes)
             encoded = [outcome for outcome in outcomes if isinstance(outcome, Encoded)]
@@ -220,7 +231,7 @@ class Classifier:
                 for outcome in outcomes]
 
     async def encode_pool(self, files: Sequence[UploadedFile], *, progress: bool = False,
-                          description: str = "encoding") -> EncodedPool:
+                          description: str = "encoding", prompts: torch.Tensor | None = None) -> EncodedPool:
         """Encode a pool of files as /classify does, with admission permits a chunk at a time (waited for, so a
         long job does not fail on a traffic burst). A file that cannot be used is skipped with its error; a
         refusal of the server's own (503) is raised instead, so no job runs on a load-dependent subset."""
@@ -229,7 +240,7 @@ class Classifier:
             for start in range(0, len(files), self._pool_chunk_images):
                 chunk = files[start:start + self._pool_chunk_images]
                 with await self._admission.acquire(len(chunk), self._permit_timeout_seconds):
-                    outcomes = await self.encode_files(chunk)
+                    outcomes = await self.encode_files(chunk, prompts=prompts)
                 for offset, (file, outcome) in enumerate(zip(chunk, outcomes)):
                     if isinstance(outcome, MedzeroError) and outcome.status_code == 503:
                         raise outcome           # the server is busy or stopping: fail the job, drop no image
@@ -241,18 +252,20 @@ class Classifier:
                 bar.update(len(chunk))
         return EncodedPool(torch.stack(features) if features else None, used, skipped)
 
-    async def encode_files(self, files: Sequence[UploadedFile]) -> list["Encoded | MedzeroError"]:
-        """Read, decode and encode admitted files, sharing forwards; a file that cannot be used yields its error
-        in its place."""
+    async def encode_files(self, files: Sequence[UploadedFile], *,
+                           prompts: torch.Tensor | None = None) -> list["Encoded | MedzeroError"]:
+        """Read, decode and encode admitted files, sharing forwards (with `prompts`: the prompted encoder's); a
+        file that cannot be used yields its error in its place."""
         with self._batcher.expecting(len(files)) as announcement:
-            outcomes = await asyncio.gather(*(self._encode_file(file, announcement) for file in files),
+            outcomes = await asyncio.gather(*(self._encode_file(file, announcement, prompts) for file in files),
                                             return_exceptions=True)
         for outcome in outcomes:
             if isinstance(outcome, BaseException) and not isinstance(outcome, MedzeroError):
                 raise outcome
         return list(outcomes)
 
-    async def _encode_file(self, file: UploadedFile, announcement: Announcement) -> Encoded:
+    async def _encode_file(self, file: UploadedFile, announcement: Announcement,
+                           prompts: torch.Tensor | None) -> Encoded:
         started = time.perf_counter()
         try:
             data = await file.read()
@@ -261,7 +274,7 @@ class Classifier:
         except BaseException:
             self._batcher.withdraw(announcement)   # the batch-mates' forward need not wait for this one
             raise
-        features = await self._batcher.encode(tensor, announcement)
+        features = await self._batcher.encode(tensor, announcement, prompts)
         metrics.IMAGES.labels(format=input_format).inc()
         return Encoded(features, input_format, started)
 
@@ -318,6 +331,19 @@ class Classifier:
                               prediction_set=None if prediction_set is None
                               else [head.class_names[c] for c in prediction_set],
                               details=scores.details)
+
+
+def _prompts(state: object | None) -> torch.Tensor | None:
+    """The visual prompt tokens a method's state encodes with (a MedUnA adapter's), or None."""
+    return getattr(state, "prompt_tokens", None)
+
+
+def _require_state(method: Method, head: ClassHead, state: object | None) -> None:
+    """A method that cannot score without its state (meduna without an adapter) refuses before any image is
+    read."""
+    require = getattr(method, "require", None)
+    if require is not None:
+        require(head, state)
 
 
 def _refuse_partial_batch(files: Sequence[UploadedFile], outcomes: Sequence["Encoded | MedzeroError"]) -> None:

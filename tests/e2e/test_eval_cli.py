@@ -9,7 +9,10 @@ import pytest
 from PIL import Image
 
 from app.__main__ import main
-from tests.conftest import free_port, server_env, wait_ready
+from app.jobs import train_meduna
+from app.jobs.train_meduna import MedUnAConfig
+from app.methods.meduna import ImageStageConfig, TextStageConfig
+from tests.conftest import free_port, server_env, tiny_settings, wait_ready
 from tests.factories import labelled_folder
 
 pytestmark = pytest.mark.e2e
@@ -138,3 +141,24 @@ def test_url_agrees_with_in_process_calibration_included(tmp_path: Path) -> None
     assert remote_rows["zeroshot"]["metrics"]["decisions"] == local_rows["zeroshot"]["metrics"]["decisions"]
     assert local_rows["zeroshot"]["metrics"]["decisions"]["rule"] == "threshold"
     assert all(any("calibrated on these same images" in note for note in r["notes"]) for r in (local, remote))
+
+
+def test_eval_measures_meduna_once_an_adapter_is_loaded(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = labelled_folder(tmp_path / "images", {"normal": 5, "pneumonia": 5})
+    common = ["--label-set", LABEL_SET, "--data", str(data), "--bootstrap", "50", "--no-transductive",
+              "--model-name", "medzero-tiny", "--data-dir", str(tmp_path / "db"), "--no-progress"]
+    assert main(["eval", *common, "--out", str(tmp_path / "before")]) == 0
+    before = json.loads((tmp_path / "before" / "results.json").read_text())
+    assert "meduna" not in [m["name"] for m in before["methods"]]
+    assert any(note.startswith("meduna: ") and "medzero train meduna" in note for note in before["notes"])
+
+    config = MedUnAConfig(text=TextStageConfig(steps=30), image=ImageStageConfig(n_prompt_tokens=2, epochs=1,
+                                                                                 batch_size=5))
+    train_meduna.main(tiny_settings(tmp_path / "db"), LABEL_SET, data, tmp_path / "db" / "adapters" / "cxr",
+                      config=config, progress=False)
+    capsys.readouterr()
+    assert main(["eval", *common, "--methods", "zeroshot,meduna", "--out", str(tmp_path / "after")]) == 0
+    after = json.loads((tmp_path / "after" / "results.json").read_text())
+    assert [m["name"] for m in after["methods"]] == ["zeroshot", "meduna"]
+    assert after["methods"][1]["settings"]["adapter_id"]
+    assert "| meduna |" in capsys.readouterr().out

@@ -1,0 +1,171 @@
+"""Trained adapters as the server's method state: a bundle from `medzero train meduna` (adapter.safetensors +
+manifest.json, or one .tar.gz / .zip of them) is checked against what the server runs -- the model id, the
+label set's version and class order, the description corpus -- and stored as the label set's "meduna" state
+(one transaction: a valid bundle for the same label set replaces the old one, a refused one changes nothing).
+Every bundle under MEDZERO_ADAPTERS_DIR is loaded at start-up the same way.
+"""
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import tarfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+
+from app.errors import AdapterMismatch, InvalidAdapter, MedzeroError, UnknownAdapter
+from app.methods.base import ClassHead
+from app.methods.meduna import ADAPTER_FILE, BUNDLE_FORMAT, MANIFEST_FILE, MedUnA, MedUnAAdapter
+from app.storage.method_states import MethodStateRepository, StateKey
+
+log = logging.getLogger(__name__)
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+
+
+class AdapterService:
+    def __init__(self, method: MedUnA, states: MethodStateRepository, *, head: Callable[[str], ClassHead],
+                 label_set_names: Callable[[], list[str]], corpus_hash: Callable[[], str | None], embed_dim: int,
+                 vision_width: int | None) -> None:
+        self._method = method
+        self._states = states
+        self._head = head                        # sync: LabelSetService.head
+        self._label_set_names = label_set_names
+        self._corpus_hash = corpus_hash
+        self._embed_dim = embed_dim
+        self._vision_width = vision_width        # None: the vision tower takes no prompt tokens
+
+    def install(self, files: dict[str, bytes]) -> MedUnAAdapter:
+        """Check a bundle ({file name: bytes}) and make it its label set's current adapter."""
+        manifest, adapter_bytes = read_bundle(files)
+        head = self._head(_field(manifest, "label_set", str))
+        adapter = self._checked(manifest, adapter_bytes, head)
+        current = self._current(head)
+        if current is not None and current.adapter_id == adapter.adapter_id:
+            return current                       # the same bundle again (a restart): nothing to do
+        stamp = self._states.add(self._key(head), *adapter.to_state())
+        log.info("adapter %s for %s v%d loaded (%s)", adapter.adapter_id[:12], head.label_set, head.version,
+                 head.model_id)
+        return dataclasses.replace(adapter, version=stamp.version, created_at=stamp.created_at)
+
+    def list_loaded(self) -> list[MedUnAAdapter]:
+        """The current adapter of every label set that has one (under the loaded model, current versions)."""
+        found = []
+        for name in self._label_set_names():
+            adapter = self._current(self._head(name))
+            if adapter is not None:
+                found.append(adapter)
+        return found
+
+    def get(self, adapter_id: str) -> MedUnAAdapter:
+        for adapter in self.list_loaded():
+            if adapter.adapter_id == adapter_id or (len(adapter_id) >= 12
+                                                    and adapter.adapter_id.startswith(adapter_id)):
+                return adapter
+        raise UnknownAdapter(f"no loaded adapter {adapter_id!r}; GET /adapters lists them")
+
+    def delete(self, adapter_id: str) -> MedUnAAdapter:
+        adapter = self.get(adapter_id)
+        self._states.delete(self._method.state_kind, adapter.label_set, adapter.model_id)
+        return adapter
+
+    def load_dir(self, folder: Path) -> list[str]:
+        """Every bundle under `folder` (sub-folders with a manifest, archives); a refused one is logged, never
+        fatal: the server still starts. -> the adapter ids loaded."""
+        loaded = []
+        for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+            try:
+                if path.is_dir() and (path / MANIFEST_FILE).is_file():
+                    files = {name: (path / name).read_bytes() for name in (ADAPTER_FILE, MANIFEST_FILE)
+                             if (path / name).is_file()}
+                elif path.is_file() and path.name.endswith(ARCHIVE_SUFFIXES):
+                    files = {path.name: path.read_bytes()}
+                else:
+                    continue
+                loaded.append(self.install(files).adapter_id)
+            except (MedzeroError, OSError) as exc:
+                log.warning("adapter bundle %s not loaded: %s", path, exc)
+        return loaded
+
+    def _current(self, head: ClassHead) -> MedUnAAdapter | None:
+        return self._states.current(self._key(head), self._method.load_state)
+
+    def _key(self, head: ClassHead) -> StateKey:
+        return StateKey(self._method.state_kind, head.label_set, head.version, head.model_id)
+
+    def _checked(self, manifest: dict, adapter_bytes: bytes, head: ClassHead) -> MedUnAAdapter:
+        if manifest.get("format") != BUNDLE_FORMAT:
+            raise InvalidAdapter(f"manifest format {manifest.get('format')!r}; this server reads {BUNDLE_FORMAT!r}")
+        digest = hashlib.sha256(adapter_bytes).hexdigest()
+        expected = (manifest.get("files") or {}).get(ADAPTER_FILE, {}).get("sha256")
+        if expected != digest:
+            raise InvalidAdapter(f"{ADAPTER_FILE} has sha256 {digest[:16]}…, the manifest says "
+                                 f"{str(expected)[:16]}…: a damaged or mixed-up bundle")
+        live = {"model_id": head.model_id, "label_set_version": head.version, "class_names": list(head.class_names),
+                "corpus_hash": self._corpus_hash()}
+        for name, value in live.items():
+            if manifest.get(name) != value:
+                raise AdapterMismatch(f"{name} differs: the bundle has {manifest.get(name)!r}, the server "
+                                      f"{value!r}; retrain with `medzero train meduna` against this server's "
+                                      "model, label set and knowledge base")
+        try:
+            tensors = load_safetensors(adapter_bytes)
+        except (SafetensorError, ValueError) as exc:
+            raise InvalidAdapter(f"{ADAPTER_FILE} is not a safetensors file: {exc}") from exc
+        weight, prompts = tensors.get("adapter"), tensors.get("prompt_tokens")
+        if weight is None or prompts is None:
+            raise InvalidAdapter(f"{ADAPTER_FILE} needs tensors 'adapter' and 'prompt_tokens'; has {sorted(tensors)}")
+        if tuple(weight.shape) != (len(head.class_names), self._embed_dim):
+            raise InvalidAdapter(f"adapter shape {tuple(weight.shape)}; the label set and model need "
+                                 f"{(len(head.class_names), self._embed_dim)}")
+        if self._vision_width is None or prompts.ndim != 2 or prompts.shape[1] != self._vision_width:
+            raise InvalidAdapter(f"prompt tokens of shape {tuple(prompts.shape)} do not fit this model's vision "
+                                 f"tower (width {self._vision_width})")
+        return MedUnAAdapter(digest, head.label_set, head.version, head.model_id, head.class_names,
+                             weight.float().contiguous(), prompts.float().contiguous(), manifest)
+
+
+def read_bundle(files: dict[str, bytes]) -> tuple[dict, bytes]:
+    """{name: bytes} of the two bundle files, or of one archive holding them -> (manifest, adapter bytes)."""
+    if len(files) == 1:
+        [(name, data)] = files.items()
+        if name.endswith(ARCHIVE_SUFFIXES):
+            files = _unpack(name, data)
+    by_name = {Path(name).name: data for name, data in files.items()}
+    missing = [name for name in (ADAPTER_FILE, MANIFEST_FILE) if name not in by_name]
+    if missing:
+        raise InvalidAdapter(f"a bundle needs {ADAPTER_FILE} and {MANIFEST_FILE} (or one .tar.gz/.zip of them); "
+                             f"missing {', '.join(missing)}")
+    try:
+        manifest = json.loads(by_name[MANIFEST_FILE])
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidAdapter(f"{MANIFEST_FILE} is not JSON: {exc}") from exc
+    if not isinstance(manifest, dict):
+        raise InvalidAdapter(f"{MANIFEST_FILE} must be a JSON object")
+    return manifest, by_name[ADAPTER_FILE]
+
+
+def _unpack(name: str, data: bytes) -> dict[str, bytes]:
+    """The bundle files of an archive: regular files only, by base name (no paths, links or devices)."""
+    wanted = {ADAPTER_FILE, MANIFEST_FILE}
+    try:
+        if name.endswith(".zip"):
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                return {Path(info.filename).name: archive.read(info) for info in archive.infolist()
+                        if not info.is_dir() and Path(info.filename).name in wanted}
+        with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+            return {Path(member.name).name: archive.extractfile(member).read() for member in archive.getmembers()
+                    if member.isfile() and Path(member.name).name in wanted}
+    except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise InvalidAdapter(f"{name} is not a readable archive: {exc}") from exc
+
+
+def _field(manifest: dict, name: str, kind: type):
+    value = manifest.get(name)
+    if not isinstance(value, kind):
+        raise InvalidAdapter(f"{MANIFEST_FILE} needs {name!r} ({kind.__name__}); got {value!r}")
+    return value
+
