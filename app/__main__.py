@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from app.errors import MedzeroError
+from app.errors import InvalidInput, MedzeroError
 from app.methods.meduna_config import ImageStageConfig, TextStageConfig
 from app.settings import Settings
 
@@ -26,7 +26,8 @@ COMMAND_ARGUMENTS = {"command", "kb_command", "kpl_command", "label_set", "n_per
                      "split", "coverage", "conformal_share", "train_command", "resume", "force",
                      *(f"text_{name}" for name in ("steps", "lr", "weight_decay", "noise_std")),
                      "prompt_tokens", "epochs", "batch_size", "lr", "momentum", "weight_decay", "ce_weight",
-                     "entropy_weight", "selection", "smoothing", "lr_decay", "lr_milestones"}
+                     "entropy_weight", "selection", "smoothing", "lr_decay", "lr_milestones", "text_betas",
+                     "text_eps", "crop_scale", "color_jitter", "color_jitter_p", "grayscale_p", "blur_sigma"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,6 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
     meduna.add_argument("--lr-decay", type=float, default=image.lr_decay, help="MultiStepLR gamma")
     meduna.add_argument("--lr-milestones", type=comma_ints, default=list(image.lr_milestones),
                         help="epochs at which the rate decays (the reference passes none: constant)")
+    meduna.add_argument("--text-betas", type=comma_floats, default=list(text.betas), help="AdamW betas")
+    meduna.add_argument("--text-eps", type=float, default=text.eps, help="AdamW eps")
+    meduna.add_argument("--crop-scale", type=comma_floats, default=list(image.crop_scale),
+                        help="strong view: RandomResizedCrop scale range")
+    meduna.add_argument("--color-jitter", type=comma_floats, default=list(image.color_jitter),
+                        help="strong view: brightness,contrast,saturation,hue")
+    meduna.add_argument("--color-jitter-p", type=float, default=image.color_jitter_p)
+    meduna.add_argument("--grayscale-p", type=float, default=image.grayscale_p)
+    meduna.add_argument("--blur-sigma", type=comma_floats, default=list(image.blur_sigma),
+                        help="strong view: Gaussian blur sigma range (always applied)")
     meduna.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_model_arguments(meduna)
     return parser
@@ -146,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def comma_ints(text: str) -> list[int]:
     return [int(part) for part in comma_list(text)]
+
+
+def comma_floats(text: str) -> list[float]:
+    return [float(part) for part in comma_list(text)]
 
 
 def add_labelled_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -246,13 +261,20 @@ def render_fit(report) -> str:
 
 def meduna_config(args: argparse.Namespace):
     from app.jobs.train_meduna import MedUnAConfig
-    text = TextStageConfig(steps=args.text_steps, lr=args.text_lr, weight_decay=args.text_weight_decay,
-                           noise_std=args.text_noise_std, smoothing=args.smoothing)
+    for option, expected in (("text_betas", 2), ("crop_scale", 2), ("color_jitter", 4), ("blur_sigma", 2)):
+        if len(getattr(args, option)) != expected:
+            raise InvalidInput(f"--{option.replace('_', '-')} takes {expected} comma-separated numbers; got "
+                               f"{getattr(args, option)}")
+    text = TextStageConfig(steps=args.text_steps, lr=args.text_lr, betas=tuple(args.text_betas), eps=args.text_eps,
+                           weight_decay=args.text_weight_decay, noise_std=args.text_noise_std,
+                           smoothing=args.smoothing)
     image = ImageStageConfig(n_prompt_tokens=args.prompt_tokens, epochs=args.epochs, batch_size=args.batch_size,
                              lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                              ce_weight=args.ce_weight, entropy_weight=args.entropy_weight, selection=args.selection,
                              smoothing=args.smoothing, lr_decay=args.lr_decay,
-                             lr_milestones=tuple(args.lr_milestones))
+                             lr_milestones=tuple(args.lr_milestones), crop_scale=tuple(args.crop_scale),
+                             color_jitter=tuple(args.color_jitter), color_jitter_p=args.color_jitter_p,
+                             grayscale_p=args.grayscale_p, blur_sigma=tuple(args.blur_sigma))
     return MedUnAConfig(text=text, image=image, seed=args.seed)
 
 

@@ -229,8 +229,9 @@ class Runtime:
                                  max_upload_bytes=settings.max_upload_bytes)
         adapters = AdapterService(meduna, self.states, head=label_sets.head,
                                   label_set_names=lambda: [ls.name for ls in label_sets.list()],
-                                  corpus_hash=lambda: knowledge.manifest.get("corpus_hash"),
-                                  embed_dim=encoder.embed_dim, vision_width=prompt_width(encoder))
+                                  descriptions_hash=lambda name: knowledge.manifest.get("groups", {}).get(name),
+                                  embed_dim=encoder.embed_dim, vision_width=prompt_width(encoder),
+                                  max_member_bytes=settings.max_upload_bytes)
         loaded = adapters.load_dir(settings.resolved_adapters_dir)
         if loaded:
             log.info("adapters: %d bundles under %s", len(loaded), settings.resolved_adapters_dir)

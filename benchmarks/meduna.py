@@ -24,8 +24,8 @@ import torch
 from app.evaluation.scoring import classification_metrics
 from app.imaging.files import image_files
 from app.jobs.evaluate import EvalOptions, evaluate_with
-from app.jobs.train_meduna import MedUnAConfig, MedUnATrainer, description_features, write_bundle
-from app.methods.meduna import ImageStageConfig, TextStageConfig
+from app.jobs.train_meduna import MedUnAConfig, MedUnATrainer, build_manifest, description_features, write_bundle
+from app.methods.meduna import ADAPTER_FILE, MANIFEST_FILE, ImageStageConfig, TextStageConfig
 from app.runtime import Runtime
 from app.settings import DEMO_MODEL_NAME, Settings
 
@@ -85,15 +85,10 @@ async def accuracy_rows(args: argparse.Namespace, work: Path) -> tuple[list[dict
             stage1 = dataclasses.replace(result, adapter_weight=result.stage1_weight,
                                          prompt_tokens=result.prompt_tokens[:0])
             for stage, trained in (("stage 1", stage1), ("stage 2", result)):
-                manifest = {"format": "medzero-meduna/1", "method": "meduna", "model_id": head.model_id,
-                            "label_set": label_set, "label_set_version": head.version,
-                            "class_names": list(head.class_names),
-                            "corpus_hash": runtime.knowledge.manifest.get("corpus_hash"),
-                            "config": dataclasses.asdict(config), "metrics": {}}
+                manifest = build_manifest(runtime, head, config, trained, None, len(paths), [])
                 bundle = work / dataset / stage.replace(" ", "")
                 write_bundle(bundle, trained, manifest)
-                runtime.adapters.install({name: (bundle / name).read_bytes()
-                                          for name in ("adapter.safetensors", "manifest.json")})
+                runtime.adapters.install({name: (bundle / name).read_bytes() for name in (ADAPTER_FILE, MANIFEST_FILE)})
                 evaluation = await evaluate_with(runtime, folder, label_set, {}, options)
                 by_name = {row.name: row for row in evaluation.rows}
                 if stage == "stage 1":

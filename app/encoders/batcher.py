@@ -179,9 +179,12 @@ class Batcher:
         others: list[_Pending] = []             # for other prompts: the next forwards', in arrival order
         deadline = time.perf_counter() + self._max_wait_seconds
         try:
-            return await self._fill(batch, others, deadline)
-        finally:
-            self._deferred.extendleft(reversed(others))
+            chosen = await self._fill(batch, others, deadline)
+        except BaseException:            # stopping mid-collection: every image goes back, so stop() answers it
+            self._deferred.extendleft(sorted(batch + others, key=lambda p: p.enqueued_at, reverse=True))
+            raise
+        self._deferred.extendleft(reversed(others))
+        return chosen
 
     async def _fill(self, batch: list[_Pending], others: list[_Pending], deadline: float) -> list[_Pending]:
         waiting = deque(self._deferred)

@@ -127,7 +127,7 @@ class MedUnATrainer:
         self.encoder, self.head, self.config, self.settings = encoder, head, config, settings
         self.visual = encoder.model.visual
         self.weak = encoder.preprocess
-        self.strong = strong_view(encoder.preprocess)
+        self.strong = strong_view(encoder.preprocess, config.image)
 
     def usable_images(self, paths: Sequence[Path]) -> tuple[list[Path], list[tuple[str, str]]]:
         """The files that decode as /classify would decode them; the others with their error."""
@@ -152,6 +152,8 @@ class MedUnATrainer:
         fingerprint = self._fingerprint(features, paths)
         state = latest_checkpoint(checkpoints, fingerprint) if resume else None
         if state is None:
+            for stale in checkpoints.glob("*.pt"):      # an earlier run's: a later --resume must not find them
+                stale.unlink()
             state = self._stage1(features, labels, progress)
             state["fingerprint"] = fingerprint
             torch.save(state, checkpoints / "stage1.pt")
@@ -288,7 +290,7 @@ class MedUnATrainer:
                 "stage2": accuracy(adapter_logits(prompted_features, result.adapter_weight))}
 
 
-def strong_view(preprocess: Callable) -> transforms.Compose:
+def strong_view(preprocess: Callable, image: ImageStageConfig = ImageStageConfig()) -> transforms.Compose:
     """The note's strong augmentation at the model's own input size and normalisation."""
     steps = getattr(preprocess, "transforms", [])
     normalise = next((t for t in steps if isinstance(t, transforms.Normalize)), None)
@@ -296,11 +298,11 @@ def strong_view(preprocess: Callable) -> transforms.Compose:
     size = size if isinstance(size, int) else size[0]
     kernel = max(3, int(0.1 * size) // 2 * 2 + 1)        # odd, about a tenth of the image (SimCLR's choice)
     return transforms.Compose([
-        transforms.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomResizedCrop(size, scale=image.crop_scale, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.RandomHorizontalFlip(),
-        transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        transforms.RandomGrayscale(p=0.2),
-        transforms.GaussianBlur(kernel, sigma=(0.1, 2.0)),
+        transforms.RandomApply([transforms.ColorJitter(*image.color_jitter)], p=image.color_jitter_p),
+        transforms.RandomGrayscale(p=image.grayscale_p),
+        transforms.GaussianBlur(kernel, sigma=image.blur_sigma),
         transforms.ToTensor(),
         *([normalise] if normalise is not None else []),
     ])
@@ -308,14 +310,17 @@ def strong_view(preprocess: Callable) -> transforms.Compose:
 
 def latest_checkpoint(checkpoints: Path, fingerprint: str) -> dict | None:
     """The newest checkpoint of this very run (same model, label set, images and settings), or None."""
+    others = []
     for path in sorted(checkpoints.glob("epoch-*.pt"), reverse=True) + [checkpoints / "stage1.pt"]:
         if path.is_file():
-            state = torch.load(path, weights_only=False)
-            if state.get("fingerprint") != fingerprint:
-                raise InvalidInput(f"{path} is from another run (model, label set, images or settings differ); "
-                                   "train into a new --out, or drop --resume to start over")
-            log.info("resuming from %s", path.name)
-            return state
+            state = torch.load(path, map_location="cpu", weights_only=False)   # resumable on another device
+            if state.get("fingerprint") == fingerprint:
+                log.info("resuming from %s", path.name)
+                return state
+            others.append(path.name)
+    if others:
+        raise InvalidInput(f"the checkpoints in {checkpoints} ({', '.join(others[:3])}) are from another run "
+                           "(model, label set, images or settings differ); train into a new --out, or drop --resume")
     return None
 
 
@@ -326,7 +331,9 @@ def build_manifest(runtime: Runtime, head: ClassHead, config: MedUnAConfig, resu
     return {
         "format": BUNDLE_FORMAT, "method": "meduna", "model_id": head.model_id, "label_set": head.label_set,
         "label_set_version": head.version, "class_names": list(head.class_names),
-        "corpus_hash": knowledge.get("corpus_hash"), "embed_dim": int(result.adapter_weight.shape[1]),
+        "corpus_hash": knowledge.get("corpus_hash"),
+        "descriptions_hash": knowledge.get("groups", {}).get(head.label_set),   # what stage 1 learned from
+        "embed_dim": int(result.adapter_weight.shape[1]),
         "prompt_tokens": list(result.prompt_tokens.shape), "vision_width": vision_width(runtime.encoder.model.visual),
         "config": dataclasses.asdict(config),
         "metrics": {"stage1": {"train_accuracy": result.stage1_train_accuracy,

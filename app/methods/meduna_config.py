@@ -28,3 +28,9 @@ class ImageStageConfig:
     smoothing: float = 0.1
     lr_decay: float = 0.6             # MultiStepLR gamma; the script passes no milestones: a constant rate
     lr_milestones: tuple[int, ...] = ()
+    # the student's strong view: RandomResizedCrop, flip, ColorJitter with p, grayscale with p, Gaussian blur
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)   # brightness, contrast, saturation, hue
+    color_jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_sigma: tuple[float, float] = (0.1, 2.0)   # always applied

@@ -14,33 +14,36 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
-from app.errors import AdapterMismatch, InvalidAdapter, MedzeroError, UnknownAdapter
+from app.errors import AdapterMismatch, InvalidAdapter, UnknownAdapter
 from app.methods.base import ClassHead
 from app.methods.meduna import ADAPTER_FILE, BUNDLE_FORMAT, MANIFEST_FILE, MedUnA, MedUnAAdapter
 from app.storage.method_states import MethodStateRepository, StateKey
 
 log = logging.getLogger(__name__)
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+MAX_PROMPT_TOKENS = 1024
 
 
 class AdapterService:
     def __init__(self, method: MedUnA, states: MethodStateRepository, *, head: Callable[[str], ClassHead],
-                 label_set_names: Callable[[], list[str]], corpus_hash: Callable[[], str | None], embed_dim: int,
-                 vision_width: int | None) -> None:
+                 label_set_names: Callable[[], list[str]], descriptions_hash: Callable[[str], str | None],
+                 embed_dim: int, vision_width: int | None, max_member_bytes: int) -> None:
         self._method = method
         self._states = states
         self._head = head                        # sync: LabelSetService.head
         self._label_set_names = label_set_names
-        self._corpus_hash = corpus_hash
+        self._descriptions_hash = descriptions_hash   # label set -> hash of its description group in the index
+        self._max_member_bytes = max_member_bytes
         self._embed_dim = embed_dim
         self._vision_width = vision_width        # None: the vision tower takes no prompt tokens
 
     def install(self, files: dict[str, bytes]) -> MedUnAAdapter:
         """Check a bundle ({file name: bytes}) and make it its label set's current adapter."""
-        manifest, adapter_bytes = read_bundle(files)
+        manifest, adapter_bytes = read_bundle(files, self._max_member_bytes)
         head = self._head(_field(manifest, "label_set", str))
         adapter = self._checked(manifest, adapter_bytes, head)
         current = self._current(head)
@@ -73,8 +76,9 @@ class AdapterService:
         return adapter
 
     def load_dir(self, folder: Path) -> list[str]:
-        """Every bundle under `folder` (sub-folders with a manifest, archives); a refused one is logged, never
-        fatal: the server still starts. -> the adapter ids loaded."""
+        """The bundles under `folder` (sub-folders with a manifest, archives, in name order) for label sets that
+        have no adapter yet: one uploaded or loaded before is never overridden by a restart (or a job), and of two
+        bundles for one label set the first wins. A refused bundle is logged, never fatal. -> the ids loaded."""
         loaded = []
         for path in sorted(folder.iterdir()) if folder.is_dir() else []:
             try:
@@ -85,8 +89,15 @@ class AdapterService:
                     files = {path.name: path.read_bytes()}
                 else:
                     continue
+                manifest, adapter_bytes = read_bundle(files, self._max_member_bytes)
+                current = self._current(self._head(_field(manifest, "label_set", str)))
+                if current is not None:
+                    if current.adapter_id != hashlib.sha256(adapter_bytes).hexdigest():
+                        log.info("adapter bundle %s not loaded: %s already has adapter %s", path,
+                                 current.label_set, current.adapter_id[:12])
+                    continue
                 loaded.append(self.install(files).adapter_id)
-            except (MedzeroError, OSError) as exc:
+            except Exception as exc:      # a bad bundle on disk must not stop the server from starting
                 log.warning("adapter bundle %s not loaded: %s", path, exc)
         return loaded
 
@@ -99,13 +110,17 @@ class AdapterService:
     def _checked(self, manifest: dict, adapter_bytes: bytes, head: ClassHead) -> MedUnAAdapter:
         if manifest.get("format") != BUNDLE_FORMAT:
             raise InvalidAdapter(f"manifest format {manifest.get('format')!r}; this server reads {BUNDLE_FORMAT!r}")
+        for name, kind in (("model_id", str), ("label_set_version", int), ("class_names", list),
+                           ("descriptions_hash", str), ("files", dict)):
+            _field(manifest, name, kind)
         digest = hashlib.sha256(adapter_bytes).hexdigest()
-        expected = (manifest.get("files") or {}).get(ADAPTER_FILE, {}).get("sha256")
+        entry = manifest["files"].get(ADAPTER_FILE)
+        expected = entry.get("sha256") if isinstance(entry, dict) else None
         if expected != digest:
             raise InvalidAdapter(f"{ADAPTER_FILE} has sha256 {digest[:16]}…, the manifest says "
                                  f"{str(expected)[:16]}…: a damaged or mixed-up bundle")
         live = {"model_id": head.model_id, "label_set_version": head.version, "class_names": list(head.class_names),
-                "corpus_hash": self._corpus_hash()}
+                "descriptions_hash": self._descriptions_hash(head.label_set)}
         for name, value in live.items():
             if manifest.get(name) != value:
                 raise AdapterMismatch(f"{name} differs: the bundle has {manifest.get(name)!r}, the server "
@@ -124,16 +139,21 @@ class AdapterService:
         if self._vision_width is None or prompts.ndim != 2 or prompts.shape[1] != self._vision_width:
             raise InvalidAdapter(f"prompt tokens of shape {tuple(prompts.shape)} do not fit this model's vision "
                                  f"tower (width {self._vision_width})")
+        if len(prompts) > MAX_PROMPT_TOKENS:
+            raise InvalidAdapter(f"{len(prompts)} prompt tokens; at most {MAX_PROMPT_TOKENS} (every request pays "
+                                 "for them in attention)")
+        if not (torch.isfinite(weight).all() and torch.isfinite(prompts).all()):
+            raise InvalidAdapter(f"{ADAPTER_FILE} holds NaN or infinite values")
         return MedUnAAdapter(digest, head.label_set, head.version, head.model_id, head.class_names,
                              weight.float().contiguous(), prompts.float().contiguous(), manifest)
 
 
-def read_bundle(files: dict[str, bytes]) -> tuple[dict, bytes]:
+def read_bundle(files: dict[str, bytes], max_member_bytes: int) -> tuple[dict, bytes]:
     """{name: bytes} of the two bundle files, or of one archive holding them -> (manifest, adapter bytes)."""
     if len(files) == 1:
         [(name, data)] = files.items()
         if name.endswith(ARCHIVE_SUFFIXES):
-            files = _unpack(name, data)
+            files = _unpack(name, data, max_member_bytes)
     by_name = {Path(name).name: data for name, data in files.items()}
     missing = [name for name in (ADAPTER_FILE, MANIFEST_FILE) if name not in by_name]
     if missing:
@@ -148,24 +168,42 @@ def read_bundle(files: dict[str, bytes]) -> tuple[dict, bytes]:
     return manifest, by_name[ADAPTER_FILE]
 
 
-def _unpack(name: str, data: bytes) -> dict[str, bytes]:
-    """The bundle files of an archive: regular files only, by base name (no paths, links or devices)."""
+def _unpack(name: str, data: bytes, max_member_bytes: int) -> dict[str, bytes]:
+    """The bundle files of an archive: regular files only, by base name (no paths, links or devices), each at most
+    `max_member_bytes` unpacked (an archive bomb is refused before it is inflated), each once."""
     wanted = {ADAPTER_FILE, MANIFEST_FILE}
+    found: dict[str, bytes] = {}
+
+    def take(member_name: str, size: int, read: Callable[[], bytes]) -> None:
+        base = Path(member_name).name
+        if base not in wanted:
+            return
+        if base in found:
+            raise InvalidAdapter(f"{name} holds {base} twice")
+        if size > max_member_bytes:
+            raise InvalidAdapter(f"{base} in {name} unpacks to {size} bytes; MEDZERO_MAX_UPLOAD_BYTES="
+                                 f"{max_member_bytes}")
+        found[base] = read()
+
     try:
         if name.endswith(".zip"):
             with zipfile.ZipFile(io.BytesIO(data)) as archive:
-                return {Path(info.filename).name: archive.read(info) for info in archive.infolist()
-                        if not info.is_dir() and Path(info.filename).name in wanted}
-        with tarfile.open(fileobj=io.BytesIO(data)) as archive:
-            return {Path(member.name).name: archive.extractfile(member).read() for member in archive.getmembers()
-                    if member.isfile() and Path(member.name).name in wanted}
+                for info in archive.infolist():
+                    if not info.is_dir():
+                        take(info.filename, info.file_size, lambda info=info: archive.read(info))
+        else:
+            with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+                for member in archive.getmembers():
+                    if member.isfile():
+                        take(member.name, member.size, lambda member=member: archive.extractfile(member).read())
     except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError) as exc:
         raise InvalidAdapter(f"{name} is not a readable archive: {exc}") from exc
+    return found
 
 
 def _field(manifest: dict, name: str, kind: type):
     value = manifest.get(name)
-    if not isinstance(value, kind):
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise InvalidAdapter(f"{MANIFEST_FILE} needs {name!r} ({kind.__name__}); got {value!r}")
     return value
 

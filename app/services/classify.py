@@ -180,7 +180,11 @@ class Classifier:
         if prompts is not None:
             if files is None:
                 raise ValueError(f"method {method.name} encodes with its own prompt tokens: pass the files")
-            image_features = (await self.encode_pool(files, prompts=prompts)).features
+            pool = await self.encode_pool(files, prompts=prompts)
+            if len(pool.used) != len(files):   # a file that read the first time and not now: rows would shift
+                raise InvalidInput(f"{len(files) - len(pool.used)} of {len(files)} files could not be read again "
+                                   f"for {method.name}'s prompted forward: {pool.skipped[0][0]}")
+            image_features = pool.features
         scores = await self._score(method, head, state, image_features, transductive)
         calibration = None if transductive or not calibrated else await self.calibration(method, head, state)
         return dataclasses.replace(self._calibrated(scores, calibration), state=state)

@@ -1,5 +1,6 @@
 """/adapters and method=meduna: a bundle from `medzero train meduna` round-trips through the server and changes
 predictions; bundles made for something else are refused with nothing loaded; MEDZERO_ADAPTERS_DIR at start-up."""
+import hashlib
 import io
 import json
 import shutil
@@ -90,7 +91,9 @@ def test_one_archive_is_a_bundle_too(client: TestClient, bundle: Path, kind: str
     ({"model_id": "ViT-B-16"}, 409, "model_id"),
     ({"label_set_version": 2}, 409, "label_set_version"),
     ({"class_names": ["pneumonia", "normal"]}, 409, "class_names"),
-    ({"corpus_hash": "sha256:0000"}, 409, "corpus_hash"),
+    ({"descriptions_hash": "0000"}, 409, "descriptions_hash"),
+    ({"files": {"adapter.safetensors": "x"}}, 422, "sha256"),
+    ({"label_set_version": True}, 422, "label_set_version"),
     ({"files": {"adapter.safetensors": {"sha256": "0" * 64}}}, 422, "sha256"),
     ({"format": "something/9"}, 422, "format"),
 ])
@@ -139,3 +142,51 @@ def test_adapter_writes_need_the_admin_key(tmp_path: Path, bundle: Path) -> None
         assert uploaded.status_code == 201
         assert client.get("/adapters").status_code == 200
         assert client.delete(f"/adapters/{uploaded.json()['id']}").status_code == 401
+
+
+def test_a_restart_never_overrides_an_uploaded_adapter(tmp_path: Path, bundle: Path) -> None:
+    adapters = tmp_path / "data" / "adapters"
+    shutil.copytree(bundle, adapters / "a-first", ignore=shutil.ignore_patterns("checkpoints"))
+    other = tmp_path / "other"
+    train_meduna.main(tiny_settings(tmp_path / "train"), LABEL_SET,
+                      labelled_folder(tmp_path / "images", {"normal": 4, "pneumonia": 4}, seed=8), other,
+                      config=QUICK, progress=False)
+    shutil.copytree(other, adapters / "b-second", ignore=shutil.ignore_patterns("checkpoints"))
+    with running_app(tiny_settings(tmp_path / "data")) as client:
+        [loaded] = client.get("/adapters").json()["data"]           # of two bundles for one label set, the first
+        assert loaded["version"] == 1
+        uploaded = client.post("/adapters", files=bundle_files(other)).json()
+    with running_app(tiny_settings(tmp_path / "data")) as client:     # the folder still holds a-first
+        [current] = client.get("/adapters").json()["data"]
+        assert current["id"] == uploaded["id"] and current["version"] == uploaded["version"] == 2
+
+
+def _nan_bundle(folder: Path) -> list[tuple[str, tuple[str, bytes]]]:
+    from safetensors.torch import load_file, save
+    tensors = load_file(folder / "adapter.safetensors")
+    tensors["adapter"][0, 0] = float("nan")
+    data = save(tensors)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"] = {"adapter.safetensors": {"sha256": hashlib.sha256(data).hexdigest()}}
+    return [("files", ("adapter.safetensors", data)), ("files", ("manifest.json", json.dumps(manifest).encode()))]
+
+
+def test_non_finite_weights_and_archive_bombs_are_refused(tmp_path: Path, bundle: Path) -> None:
+    with running_app(tiny_settings(tmp_path, max_upload_bytes=200_000)) as client:
+        nan = client.post("/adapters", files=_nan_bundle(bundle))
+        assert nan.status_code == 422 and "NaN" in nan.json()["error"]["message"]
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            archive.writestr("manifest.json", b" " * 5_000_000)          # 5 MB of spaces: a few KB packed
+            archive.write(bundle / "adapter.safetensors", "adapter.safetensors")
+        assert len(buffer.getvalue()) < 200_000
+        bomb = client.post("/adapters", files=[("files", ("bomb.zip", buffer.getvalue()))])
+        assert bomb.status_code == 422 and "unpacks to 5000000 bytes" in bomb.json()["error"]["message"]
+        twice = io.BytesIO()
+        with zipfile.ZipFile(twice, "w") as archive:
+            for folder in ("a", "b"):
+                archive.write(bundle / "manifest.json", f"{folder}/manifest.json")
+            archive.write(bundle / "adapter.safetensors", "adapter.safetensors")
+        doubled = client.post("/adapters", files=[("files", ("twice.zip", twice.getvalue()))])
+        assert doubled.status_code == 422 and "twice" in doubled.json()["error"]["message"]
+        assert client.get("/adapters").json()["count"] == 0
