@@ -8,7 +8,8 @@ MedzeroError
  │    ├── LabelSetNotFound
  │    ├── KPLFitNotFound
  │    ├── CalibrationNotFound      no current calibration of that method (medzero calibrate makes one)
- │    └── UnknownAdapter           GET/DELETE /adapters/{id} of an id not loaded
+ │    ├── UnknownAdapter           GET/DELETE /adapters/{id} of an id not loaded
+ │    └── ResultNotFound
  ├── Conflict (409)
  │    ├── LabelSetExists
  │    ├── AdapterNotFound          method=meduna with no adapter for the label set (says how to train one)
@@ -20,6 +21,7 @@ MedzeroError
  ├── InvalidInput (422)
  │    ├── InvalidImage             empty, truncated, or not an image at all
  │    ├── UnsupportedDicom         no pixel data, multi-frame, unknown photometric interpretation
+ │    ├── WrongStudy               STOW-RS into /studies/{study} of an instance of another study
  │    ├── ExtremeAspectRatio       one side far longer than the other (the model's resize would explode it)
  │    ├── UnknownMethod
  │    ├── InvalidLabelSet          also: a label set whose prompts cost more text encodings than allowed
@@ -79,6 +81,10 @@ class UnknownAdapter(NotFound):
     code = "unknown_adapter"
 
 
+class ResultNotFound(NotFound):
+    code = "result_not_found"
+
+
 class Conflict(MedzeroError):
     status_code, code = 409, "conflict"
 
@@ -121,6 +127,10 @@ class InvalidImage(InvalidInput):
 
 class UnsupportedDicom(InvalidInput):
     code = "unsupported_dicom"
+
+
+class WrongStudy(InvalidInput):
+    code = "wrong_study"
 
 
 class ExtremeAspectRatio(InvalidInput):

@@ -17,13 +17,14 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import metrics
-from app.api.routes import adapters, calibration, classify, health, kpl, labels
+from app.api.routes import adapters, calibration, classify, dicomweb, health, kpl, labels
 from app.errors import MedzeroError, Overloaded, PayloadTooLarge
 from app.runtime import Runtime
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
 KPL_FIT_PATH = re.compile(r"^/labels/[^/]+/kpl/?$")
+STOW_PATH = re.compile(r"^/dicomweb/studies(/[^/]+)?/?$")
 SMALL_BODY_BYTES = 1 << 20            # JSON bodies (/labels); uploads have their own limits
 MULTIPART_OVERHEAD_BYTES = 64 << 10   # boundaries, part headers and form fields around one file
 ERROR_CODE = "medzero.error_code"     # scope key: the error code of the response sent, counted once
@@ -48,6 +49,7 @@ def create_app(settings: Settings, *, on_startup_failure: Callable[[MedzeroError
     app.include_router(kpl.router)
     app.include_router(calibration.router)
     app.include_router(adapters.router)
+    app.include_router(dicomweb.router)
     app.add_exception_handler(MedzeroError, medzero_error_response)
     app.add_exception_handler(RequestValidationError, validation_error_response)
     app.add_exception_handler(HTTPException, http_error_response)
@@ -63,11 +65,13 @@ def body_limit(settings: Settings, path: str) -> int:
         return settings.max_batch_request_bytes
     if path.rstrip("/") == "/classify":
         return settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
+    if path.rstrip("/") == "/adapters":          # two bundle files, or one archive of them
+        return 2 * settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
     return SMALL_BODY_BYTES
 
 
 def is_batch_body(path: str) -> bool:
-    return path.rstrip("/") == "/classify/batch" or bool(KPL_FIT_PATH.match(path))
+    return path.rstrip("/") == "/classify/batch" or bool(KPL_FIT_PATH.match(path)) or bool(STOW_PATH.match(path))
 
 
 def error_response(scope: Scope, status_code: int, code: str, message: str,

@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 
 from app import metrics
+from app.dicom.routing import RoutingTable, load_routes
 from app.encoders.batcher import Batcher
 from app.encoders.loader import Encoder, load_encoder
 from app.encoders.visual_prompts import vision_width
@@ -31,10 +32,12 @@ from app.services.admission import Admission
 from app.services.builtin_label_sets import BUILTIN_LABEL_SETS
 from app.services.calibration import CalibrationService
 from app.services.classify import Classifier, ImageLimits, MetricLabelSets
+from app.services.ingest import IngestService
 from app.services.kpl_fits import KPLFitService
 from app.services.label_sets import LabelSetService
 from app.settings import Settings
 from app.storage.db import create_db_engine
+from app.storage.inbox import InboxRepository
 from app.storage.label_sets import LabelSetRepository
 from app.storage.method_states import MethodStateRepository
 
@@ -76,6 +79,7 @@ class Core:
     kpl_fits: KPLFitService
     calibrations: CalibrationService
     adapters: AdapterService
+    ingest: IngestService
 
 
 class Runtime:
@@ -85,6 +89,8 @@ class Runtime:
         self.engine = create_db_engine(settings.resolved_database_url, busy_timeout_ms=settings.db_busy_timeout_ms)
         self.repository = LabelSetRepository(self.engine)
         self.states = MethodStateRepository(self.engine)
+        self.inbox = InboxRepository(self.engine)
+        self._ingest_task: asyncio.Task | None = None
         self.admission = Admission(settings.max_in_flight_images, settings.max_concurrent_batch_bodies)
         self._state: State = "loading"
         self._failure: str | None = None
@@ -138,6 +144,15 @@ class Runtime:
         return self._ready_core().adapters
 
     @property
+    def ingest(self) -> IngestService:
+        return self._ready_core().ingest
+
+    def start_ingest(self) -> None:
+        """The inbox worker (the server's, not a job's): classifies what STOW-RS queued, also after a crash."""
+        self._ingest_task = asyncio.get_running_loop().create_task(self._ready_core().ingest.run(),
+                                                                   name="medzero-ingest")
+
+    @property
     def state(self) -> State:
         """ready | loading | failed | stopped; a batching task that died makes a ready server 'failed'."""
         if self._state == "ready" and self._batcher is not None and self._batcher.failure:
@@ -171,6 +186,8 @@ class Runtime:
             log.error("cannot start: %s", exc)
             if on_failure is not None:
                 on_failure(exc)
+            return
+        self.start_ingest()
 
     async def load(self, *, progress: bool = False, index: IndexSync = "sync") -> None:
         """Load the encoder, start the batcher, then build what depends on them; MedzeroError when it cannot."""
@@ -235,8 +252,11 @@ class Runtime:
         loaded = adapters.load_dir(settings.resolved_adapters_dir)
         if loaded:
             log.info("adapters: %d bundles under %s", len(loaded), settings.resolved_adapters_dir)
+        routes = load_routes(settings.dicom_routes_file) if settings.dicom_routes_file else RoutingTable()
+        ingest = IngestService(self.inbox, routes, classifier, lease_seconds=settings.ingest_lease_seconds,
+                               max_attempts=settings.ingest_max_attempts)
         return Core(encoder, batcher, label_sets, knowledge, classifier, kpl_fits,
-                    CalibrationService(classifier, self.states), adapters)
+                    CalibrationService(classifier, self.states), adapters, ingest)
 
     def _fail(self, reason: str) -> None:
         self._state, self._failure = "failed", reason
@@ -244,6 +264,9 @@ class Runtime:
     async def stop(self) -> None:
         metrics.READY.set(0)
         self._state = "stopped"
+        if self._ingest_task is not None:
+            self._ingest_task.cancel()
+            await asyncio.gather(self._ingest_task, return_exceptions=True)
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()
             await asyncio.gather(self._load_task, return_exceptions=True)

@@ -66,6 +66,11 @@ class Settings(BaseSettings):
     kpl_proxy_iters: int = Field(2000, ge=1)
     kpl_pool_root: Path | None = None          # server-side folders under this root may be fitted on
     kpl_max_pool_images: int = Field(20000, ge=2)
+    # DICOM ingestion (STOW-RS): routing rules (YAML) and the durable inbox's worker
+    dicom_routes_file: Path | None = None      # no file: every received instance is recorded as skipped
+    ingest_lease_seconds: float = Field(300.0, gt=0)   # an instance a dead worker held comes back after this
+    ingest_max_attempts: int = Field(3, ge=1)          # classifications refused with 503 are retried this often
+
     # trained adapters (`medzero train meduna` bundles): every one under this folder is loaded at start-up
     adapters_dir: Path | None = None           # default: <data_dir>/adapters
 

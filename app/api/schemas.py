@@ -227,3 +227,28 @@ class AdapterPublic(BaseModel):
 class AdaptersPublic(BaseModel):
     data: list[AdapterPublic]
     count: int
+
+
+class ResultPublic(BaseModel):
+    id: int
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    label_set: str
+    label_set_version: int
+    method: str
+    model: str
+    decision: str = Field(description="The class decided on, or 'uncertain'.")
+    abstained: bool
+    decision_rule: str
+    predictions: list[dict] = Field(description="Ranked: label, probability, similarity.")
+    calibrated: bool
+    temperature: float | None = None
+    prediction_set: list[str] | None = None
+    prediction_set_coverage: float | None = None
+    created_at: datetime
+
+
+class ResultsPublic(BaseModel):
+    data: list[ResultPublic]
+    count: int

@@ -93,6 +93,47 @@ class MethodStateRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class InboxRow(Base):
+    """A DICOM instance received for classification (STOW-RS or C-STORE), durable before it is acknowledged.
+    queued -> processing (leased to one worker) -> done | skipped | failed; a lease that runs out (a worker that
+    died) puts it back in the queue, and `done` is written with its result in one transaction: exactly once."""
+    __tablename__ = "dicom_inbox"
+    __table_args__ = (Index("ix_dicom_inbox_queue", "state", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)   # a re-send is recognised, not redone
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(64))          # stow-rs | c-store:<calling AE title>
+    dicom: Mapped[bytes] = mapped_column(LargeBinary)        # the Part 10 bytes as received
+    label_set: Mapped[str | None] = mapped_column(String(64))
+    method: Mapped[str | None] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(String(1000))   # why skipped or failed: codes, never patient data
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ResultRow(Base):
+    """The classification of one inbox instance (at most one: the unique inbox_id is the exactly-once guard)."""
+    __tablename__ = "dicom_results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    inbox_id: Mapped[int] = mapped_column(ForeignKey("dicom_inbox.id", ondelete="CASCADE"), unique=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    label_set: Mapped[str] = mapped_column(String(64))
+    label_set_version: Mapped[int] = mapped_column(Integer)
+    method: Mapped[str] = mapped_column(String(32))
+    model_id: Mapped[str] = mapped_column(String(512))
+    classification: Mapped[dict] = mapped_column(JSON)      # decision, ranked predictions, calibration, set
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class MetaRow(Base):
     __tablename__ = "meta"
 

@@ -1,0 +1,106 @@
+"""DICOMweb STOW-RS (`POST /dicomweb/studies[/{study}]`, multipart/related of application/dicom parts) into the
+durable inbox, answered with the standard response dataset (application/dicom+json); and /results."""
+from email.parser import BytesParser
+from email.policy import HTTP
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydicom.dataset import Dataset
+from starlette.concurrency import run_in_threadpool
+
+from app.api.deps import RuntimeDep
+from app.api.schemas import ErrorBody, ResultPublic, ResultsPublic
+from app.errors import InvalidInput, MedzeroError, ResultNotFound, UnsupportedMediaType
+from app.services.ingest import Receipt
+from app.storage.inbox import ResultRecord
+
+router = APIRouter(tags=["dicom"])
+ERRORS = {code: {"model": ErrorBody} for code in (400, 404, 413, 415, 503)}
+# PS3.4 / PS3.18 failure reasons in FailedSOPSequence
+CANNOT_UNDERSTAND, NOT_THIS_STUDY, PROCESSING_FAILURE = 0xC000, 0xA900, 0x0110
+
+
+@router.post("/dicomweb/studies", responses=ERRORS, include_in_schema=True)
+async def store_instances(request: Request, runtime: RuntimeDep) -> JSONResponse:
+    """STOW-RS: store instances for classification (routed by MEDZERO_DICOM_ROUTES_FILE)."""
+    return await _store(request, runtime, None)
+
+
+@router.post("/dicomweb/studies/{study}", responses=ERRORS)
+async def store_study_instances(study: str, request: Request, runtime: RuntimeDep) -> JSONResponse:
+    """STOW-RS into one study: instances of another study are refused (FailedSOPSequence)."""
+    return await _store(request, runtime, study)
+
+
+async def _store(request: Request, runtime: RuntimeDep, study: str | None) -> JSONResponse:
+    parts = dicom_parts(request.headers.get("content-type", ""), await request.body())
+    ingest = runtime.ingest
+    stored, failed = [], []
+    for data in parts:
+        try:
+            receipt: Receipt = await run_in_threadpool(ingest.receive, data, "stow-rs", study)
+            stored.append(receipt)
+        except MedzeroError as exc:
+            if exc.status_code == 503:
+                raise                            # the store is busy: the whole request is retried
+            failed.append((data, exc))
+    response = Dataset()
+    response.ReferencedSOPSequence = [_referenced(r.entry.sop_class_uid, r.entry.sop_instance_uid) for r in stored]
+    response.FailedSOPSequence = [_failed(data, exc) for data, exc in failed]
+    status = 200 if not failed else 202 if stored else 409
+    return JSONResponse(response.to_json_dict(), status_code=status, media_type="application/dicom+json")
+
+
+def dicom_parts(content_type: str, body: bytes) -> list[bytes]:
+    """The application/dicom parts of a multipart/related body (PS3.18 §10.5)."""
+    if not content_type.lower().startswith("multipart/related"):
+        raise UnsupportedMediaType(f"STOW-RS takes multipart/related; type=\"application/dicom\", not "
+                                   f"{content_type.split(';')[0] or 'no content type'}")
+    message = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n"
+                                                  + body)
+    if not message.is_multipart():
+        raise InvalidInput("the multipart/related body has no parts (check the boundary)")
+    parts = [part.get_payload(decode=True) for part in message.iter_parts()
+             if part.get_content_type() == "application/dicom"]
+    if not parts:
+        raise UnsupportedMediaType("no application/dicom part in the request (application/dicom+json and bulk data "
+                                   "are not accepted)")
+    return parts
+
+
+def _referenced(sop_class_uid: str, sop_instance_uid: str) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = sop_class_uid, sop_instance_uid
+    return item
+
+
+def _failed(data: bytes, exc: MedzeroError) -> Dataset:
+    item = Dataset()
+    uids = getattr(exc, "uids", None)
+    if uids:
+        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = uids
+    item.FailureReason = NOT_THIS_STUDY if exc.code == "wrong_study" else (
+        CANNOT_UNDERSTAND if exc.status_code < 500 else PROCESSING_FAILURE)
+    return item
+
+
+@router.get("/results", responses=ERRORS)
+async def list_results(runtime: RuntimeDep, study: str | None = None, limit: int = 100) -> ResultsPublic:
+    """Classification results of received instances, newest first; `study` filters by StudyInstanceUID."""
+    records = await run_in_threadpool(runtime.inbox.results, study_instance_uid=study, limit=min(max(limit, 1), 1000))
+    return ResultsPublic(data=[to_public(r) for r in records], count=len(records))
+
+
+@router.get("/results/{result_id}", responses=ERRORS)
+async def get_result(result_id: int, runtime: RuntimeDep) -> ResultPublic:
+    record = await run_in_threadpool(runtime.inbox.result, result_id)
+    if record is None:
+        raise ResultNotFound(f"no result {result_id}")
+    return to_public(record)
+
+
+def to_public(record: ResultRecord) -> ResultPublic:
+    return ResultPublic(id=record.id, study_instance_uid=record.study_instance_uid,
+                        series_instance_uid=record.series_instance_uid, sop_instance_uid=record.sop_instance_uid,
+                        label_set=record.label_set, label_set_version=record.label_set_version, method=record.method,
+                        model=record.model_id, created_at=record.created_at, **record.classification)

@@ -1,0 +1,163 @@
+"""The durable DICOM work queue and its results.
+
+An instance is written here (one transaction) before the sender gets its success status, so an acknowledged
+instance survives a crash. Workers lease the oldest queued instance; a lease that runs out -- the worker died, the
+process was killed -- puts it back. Finishing writes the result and the `done` state in one transaction, and
+results are unique per instance, so every instance is classified exactly once however often the server dies.
+"""
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+
+from app.storage.db import InboxRow, ResultRow, as_utc, session_factories, utcnow, write_transaction
+
+QUEUED, PROCESSING, DONE, SKIPPED, FAILED = "queued", "processing", "done", "skipped", "failed"
+
+
+@dataclass(frozen=True)
+class Received:
+    """What a receiver hands the queue: the identifying UIDs, the bytes and, from routing, where it goes."""
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_class_uid: str
+    source: str
+    dicom: bytes
+    label_set: str | None = None          # None with `skip_reason`: no routing rule matched
+    method: str | None = None
+    skip_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class InboxEntry:
+    id: int
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_class_uid: str
+    source: str
+    label_set: str | None
+    method: str | None
+    state: str
+    reason: str | None
+    attempts: int
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class ResultRecord:
+    id: int
+    inbox_id: int
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    label_set: str
+    label_set_version: int
+    method: str
+    model_id: str
+    classification: dict
+    created_at: datetime
+
+
+class InboxRepository:
+    def __init__(self, engine: Engine) -> None:
+        self._readers, self._writers = session_factories(engine)
+
+    def put(self, received: Received) -> tuple[InboxEntry, bool]:
+        """Queue (or record as skipped) a received instance; (entry, False) when that SOP Instance UID is already
+        here -- a re-send is acknowledged again, never classified twice."""
+        now = utcnow()
+        row = InboxRow(sop_instance_uid=received.sop_instance_uid, study_instance_uid=received.study_instance_uid,
+                       series_instance_uid=received.series_instance_uid, sop_class_uid=received.sop_class_uid,
+                       source=received.source, dicom=received.dicom, label_set=received.label_set,
+                       method=received.method, state=SKIPPED if received.skip_reason else QUEUED,
+                       reason=received.skip_reason, attempts=0, created_at=now, updated_at=now)
+        try:
+            with write_transaction(self._writers) as session:
+                session.add(row)
+        except IntegrityError:
+            return self.entry_for(received.sop_instance_uid), False
+        return _entry(row), True
+
+    def entry_for(self, sop_instance_uid: str) -> InboxEntry | None:
+        with self._readers() as session:
+            row = session.scalar(select(InboxRow).where(InboxRow.sop_instance_uid == sop_instance_uid))
+            return _entry(row) if row else None
+
+    def claim(self, lease_seconds: float) -> tuple[InboxEntry, bytes] | None:
+        """Lease the oldest waiting instance (queued, or processing under a lease that ran out) to the caller."""
+        now = utcnow()
+        with write_transaction(self._writers) as session:
+            row = session.scalar(
+                select(InboxRow).where(or_(InboxRow.state == QUEUED,
+                                           (InboxRow.state == PROCESSING) & (InboxRow.lease_until < now)))
+                .order_by(InboxRow.id).limit(1).with_for_update(skip_locked=True))
+            if row is None:
+                return None
+            row.state, row.attempts = PROCESSING, row.attempts + 1
+            row.lease_until, row.updated_at = now + timedelta(seconds=lease_seconds), now
+            return _entry(row), row.dicom
+
+    def complete(self, entry: InboxEntry, *, label_set_version: int, model_id: str,
+                 classification: dict) -> ResultRecord | None:
+        """Store the result and mark the instance done, together; None when it is done already (another worker
+        finished it after this one's lease ran out): the first result stands."""
+        now = utcnow()
+        result = ResultRow(inbox_id=entry.id, study_instance_uid=entry.study_instance_uid,
+                           series_instance_uid=entry.series_instance_uid, sop_instance_uid=entry.sop_instance_uid,
+                           label_set=entry.label_set, label_set_version=label_set_version, method=entry.method,
+                           model_id=model_id, classification=classification, created_at=now)
+        try:
+            with write_transaction(self._writers) as session:
+                session.add(result)
+                session.execute(update(InboxRow).where(InboxRow.id == entry.id)
+                                .values(state=DONE, reason=None, lease_until=None, updated_at=now))
+        except IntegrityError:
+            return None
+        return _result(result)
+
+    def fail(self, entry: InboxEntry, reason: str, *, retry: bool) -> None:
+        """A classification that did not work: back in the queue (retry) or failed for good, with the reason."""
+        with write_transaction(self._writers) as session:
+            session.execute(update(InboxRow).where(InboxRow.id == entry.id, InboxRow.state == PROCESSING)
+                            .values(state=QUEUED if retry else FAILED, reason=reason[:1000], lease_until=None,
+                                    updated_at=utcnow()))
+
+    def release_leases(self) -> int:
+        """At start-up: whatever a previous process was classifying goes back in the queue now (not after its
+        lease)."""
+        with write_transaction(self._writers) as session:
+            return session.execute(update(InboxRow).where(InboxRow.state == PROCESSING)
+                                   .values(state=QUEUED, lease_until=None, updated_at=utcnow())).rowcount
+
+    def waiting(self) -> int:
+        with self._readers() as session:
+            return session.scalar(select(func.count()).select_from(InboxRow)
+                                  .where(InboxRow.state.in_((QUEUED, PROCESSING))))
+
+    def results(self, *, study_instance_uid: str | None = None, limit: int = 100) -> list[ResultRecord]:
+        query = select(ResultRow).order_by(ResultRow.id.desc()).limit(limit)
+        if study_instance_uid is not None:
+            query = query.where(ResultRow.study_instance_uid == study_instance_uid)
+        with self._readers() as session:
+            return [_result(row) for row in session.scalars(query)]
+
+    def result(self, result_id: int) -> ResultRecord | None:
+        with self._readers() as session:
+            row = session.get(ResultRow, result_id)
+            return _result(row) if row else None
+
+
+def _entry(row: InboxRow) -> InboxEntry:
+    return InboxEntry(row.id, row.sop_instance_uid, row.study_instance_uid, row.series_instance_uid,
+                      row.sop_class_uid, row.source, row.label_set, row.method, row.state, row.reason, row.attempts,
+                      as_utc(row.created_at))
+
+
+def _result(row: ResultRow) -> ResultRecord:
+    return ResultRecord(row.id, row.inbox_id, row.study_instance_uid, row.series_instance_uid, row.sop_instance_uid,
+                        row.label_set, row.label_set_version, row.method, row.model_id, dict(row.classification),
+                        as_utc(row.created_at))

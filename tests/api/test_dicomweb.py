@@ -1,0 +1,123 @@
+"""STOW-RS into the durable inbox: the standard response dataset, routing, one result per instance (also when
+re-sent), refusals with their failure reason; the worker classifies real DICOMs from ../shared/data."""
+import io
+import time
+import uuid
+from pathlib import Path
+
+import pydicom
+import pytest
+from fastapi.testclient import TestClient
+from pydicom.uid import generate_uid
+
+from tests.conftest import running_app, tiny_settings
+from tests.factories import make_dicom_bytes, make_dicom_dataset, shared_data_dir
+
+REFERENCED, FAILED, FAILURE_REASON = "00081199", "00081198", "00081197"
+ROUTES = """
+rules:
+  - name: radiographs
+    modality: [DX, CR]
+    label_set: chest-xray-pneumonia
+"""
+
+
+def multipart(parts: list[bytes], content_type: str = "application/dicom") -> tuple[bytes, dict]:
+    boundary = uuid.uuid4().hex
+    body = b"".join(f"--{boundary}\r\nContent-Type: {content_type}\r\n\r\n".encode() + part + b"\r\n"
+                    for part in parts) + f"--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'}
+
+
+def in_study(study: str, **options) -> bytes:
+    dataset = make_dicom_dataset(**options)
+    dataset.StudyInstanceUID = study
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def results_for(client: TestClient, study: str, expected: int, timeout_seconds: float = 60) -> list[dict]:
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline:
+        data = client.get("/results", params={"study": study}).json()["data"]
+        if len(data) >= expected:
+            return data
+        time.sleep(0.1)
+    raise AssertionError(f"{expected} results for {study} did not appear in {timeout_seconds} s")
+
+
+@pytest.fixture
+def client(tmp_path: Path):
+    (tmp_path / "routes.yaml").write_text(ROUTES)
+    with running_app(tiny_settings(tmp_path / "data", dicom_routes_file=tmp_path / "routes.yaml")) as c:
+        yield c
+
+
+def test_stored_instances_are_classified_once(client: TestClient) -> None:
+    study = generate_uid()
+    instances = [in_study(study, modality="DX"), in_study(study, modality="CR", rows=40, columns=30)]
+    body, headers = multipart(instances)
+    stored = client.post("/dicomweb/studies", content=body, headers=headers)
+    assert stored.status_code == 200 and stored.headers["content-type"].startswith("application/dicom+json")
+    referenced = stored.json()[REFERENCED]["Value"]
+    uids = {pydicom.dcmread(io.BytesIO(i)).SOPInstanceUID for i in instances}
+    assert {item["00081155"]["Value"][0] for item in referenced} == uids
+    results = results_for(client, study, 2)
+    assert {r["sop_instance_uid"] for r in results} == uids
+    assert all(r["label_set"] == "chest-xray-pneumonia" and r["method"] == "zeroshot" for r in results)
+    assert all(r["decision"] in ("normal", "pneumonia") and len(r["predictions"]) == 2 for r in results)
+    assert client.get(f"/results/{results[0]['id']}").json()["sop_instance_uid"] == results[0]["sop_instance_uid"]
+    again = client.post(f"/dicomweb/studies/{study}", content=body, headers=headers)   # a re-send
+    assert again.status_code == 200
+    time.sleep(1)
+    assert len(client.get("/results", params={"study": study}).json()["data"]) == 2
+
+
+def test_refused_parts_get_their_failure_reason(client: TestClient) -> None:
+    study = generate_uid()
+    good = in_study(study)
+    body, headers = multipart([good, b"not dicom at all", in_study(study, with_pixel_data=False),
+                               in_study(generate_uid())])
+    stored = client.post(f"/dicomweb/studies/{study}", content=body, headers=headers)
+    assert stored.status_code == 202
+    reasons = [item[FAILURE_REASON]["Value"][0] for item in stored.json()[FAILED]["Value"]]
+    assert reasons == [0xC000, 0xC000, 0xA900]          # unreadable, no pixel data, another study
+    assert len(stored.json()[REFERENCED]["Value"]) == 1
+    assert len(results_for(client, study, 1)) == 1
+    only_bad, headers = multipart([b"garbage"])
+    assert client.post("/dicomweb/studies", content=only_bad, headers=headers).status_code == 409
+    assert client.post("/dicomweb/studies", content=b"x",
+                       headers={"Content-Type": "application/json"}).status_code == 415
+
+
+def test_unrouted_instances_are_acknowledged_and_skipped(client: TestClient) -> None:
+    study = generate_uid()
+    body, headers = multipart([in_study(study, modality="US")])
+    assert client.post("/dicomweb/studies", content=body, headers=headers).status_code == 200
+    time.sleep(0.5)
+    assert client.get("/results", params={"study": study}).json()["data"] == []
+    sop = pydicom.dcmread(io.BytesIO(body.split(b"\r\n\r\n", 1)[1])).SOPInstanceUID
+    entry = client.app.state.runtime.inbox.entry_for(sop)
+    assert entry.state == "skipped" and "Modality=US" in entry.reason
+
+
+def test_real_dicoms_from_the_shared_data(client: TestClient) -> None:
+    shared = shared_data_dir()
+    if shared is None:
+        pytest.skip("no ../shared/data on this machine")
+    path = shared / "dicom" / "nih_cxr14_dx_no_finding.dcm"
+    dataset = pydicom.dcmread(path)
+    body, headers = multipart([path.read_bytes()])
+    assert client.post("/dicomweb/studies", content=body, headers=headers).status_code == 200
+    [result] = results_for(client, str(dataset.StudyInstanceUID), 1)
+    assert result["sop_instance_uid"] == str(dataset.SOPInstanceUID)
+
+
+def test_without_routes_everything_is_skipped(tmp_path: Path) -> None:
+    with running_app(tiny_settings(tmp_path)) as client:
+        data = make_dicom_bytes()
+        body, headers = multipart([data])
+        assert client.post("/dicomweb/studies", content=body, headers=headers).status_code == 200
+        entry = client.app.state.runtime.inbox.entry_for(str(pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID))
+        assert entry.state == "skipped" and "MEDZERO_DICOM_ROUTES_FILE" in entry.reason

@@ -1,0 +1,94 @@
+"""The durable DICOM queue on real SQLite: a re-send is recognised, leases hand each instance to one worker, a
+killed worker's instance comes back, and an instance gets exactly one result."""
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from app.storage.db import create_db_engine
+from app.storage.inbox import DONE, FAILED, QUEUED, SKIPPED, InboxRepository, Received
+
+
+def received(n: int, **changes) -> Received:
+    values = dict(sop_instance_uid=f"1.2.3.{n}", study_instance_uid="1.2.3", series_instance_uid="1.2.3.0",
+                  sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1", source="stow-rs", dicom=b"DICM" + bytes([n]),
+                  label_set="chest-xray-pneumonia", method="zeroshot")
+    return Received(**{**values, **changes})
+
+
+@pytest.fixture
+def inbox(tmp_path: Path) -> InboxRepository:
+    return InboxRepository(create_db_engine(f"sqlite:///{tmp_path / 'medzero.db'}"))
+
+
+def test_a_resent_instance_is_recognised_not_queued_twice(inbox: InboxRepository) -> None:
+    first, created = inbox.put(received(1))
+    again, created_again = inbox.put(received(1, dicom=b"other bytes"))
+    assert created and not created_again and again.id == first.id and first.state == QUEUED
+    skipped, _ = inbox.put(received(2, label_set=None, method=None, skip_reason="no routing rule matches X"))
+    assert skipped.state == SKIPPED and skipped.reason == "no routing rule matches X"
+    assert inbox.waiting() == 1
+
+
+def test_leases_order_and_exactly_one_result(inbox: InboxRepository) -> None:
+    for n in (1, 2):
+        inbox.put(received(n))
+    entry, data = inbox.claim(lease_seconds=60)
+    assert entry.sop_instance_uid == "1.2.3.1" and data == b"DICM\x01" and entry.attempts == 1
+    second, _ = inbox.claim(lease_seconds=60)
+    assert second.sop_instance_uid == "1.2.3.2"
+    assert inbox.claim(lease_seconds=60) is None                 # both leased
+    result = inbox.complete(entry, label_set_version=1, model_id="m", classification={"decision": "normal"})
+    assert result is not None and inbox.entry_for("1.2.3.1").state == DONE
+    assert inbox.complete(entry, label_set_version=1, model_id="m", classification={"decision": "other"}) is None
+    assert [r.classification["decision"] for r in inbox.results(study_instance_uid="1.2.3")] == ["normal"]
+    assert inbox.result(result.id).sop_instance_uid == "1.2.3.1"
+
+
+def test_an_expired_lease_goes_back_to_the_queue(inbox: InboxRepository) -> None:
+    inbox.put(received(1))
+    inbox.claim(lease_seconds=0.05)
+    time.sleep(0.1)
+    reclaimed, _ = inbox.claim(lease_seconds=60)
+    assert reclaimed.sop_instance_uid == "1.2.3.1" and reclaimed.attempts == 2
+
+
+def test_failures_retry_or_end_with_their_reason(inbox: InboxRepository) -> None:
+    inbox.put(received(1))
+    entry, _ = inbox.claim(lease_seconds=60)
+    inbox.fail(entry, "encoder_timeout: busy", retry=True)
+    entry, _ = inbox.claim(lease_seconds=60)
+    inbox.fail(entry, "invalid_image: no pixel data", retry=False)
+    final = inbox.entry_for("1.2.3.1")
+    assert final.state == FAILED and final.reason == "invalid_image: no pixel data" and final.attempts == 2
+    assert inbox.claim(lease_seconds=60) is None
+
+
+KILLED_WORKER = textwrap.dedent("""
+    import os, signal, sys
+    from app.storage.db import create_db_engine
+    from app.storage.inbox import InboxRepository
+    inbox = InboxRepository(create_db_engine(sys.argv[1]))
+    inbox.claim(lease_seconds=3600)
+    os.kill(os.getpid(), signal.SIGKILL)      # killed mid-classification, its lease still an hour long
+""")
+
+
+def test_a_killed_workers_instance_is_classified_once_after_restart(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'medzero.db'}"
+    inbox = InboxRepository(create_db_engine(url))
+    inbox.put(received(1))
+    killed = subprocess.run([sys.executable, "-c", KILLED_WORKER, url], capture_output=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[2])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
+    restarted = InboxRepository(create_db_engine(url))
+    assert restarted.claim(lease_seconds=60) is None              # still leased to the dead process...
+    assert restarted.release_leases() == 1                        # ...until start-up releases it
+    entry, _ = restarted.claim(lease_seconds=60)
+    assert entry.attempts == 2
+    restarted.complete(entry, label_set_version=1, model_id="m", classification={"decision": "normal"})
+    assert len(restarted.results()) == 1 and restarted.waiting() == 0
