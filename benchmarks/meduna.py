@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from accuracy import DATASET_LABEL_SETS, DEFAULT_DATA_ROOT, cpu_flags  # benchmarks/accuracy.py, beside this script
 
 from app.evaluation.scoring import classification_metrics
 from app.imaging.files import image_files
@@ -29,10 +30,6 @@ from app.methods.meduna import ADAPTER_FILE, MANIFEST_FILE, ImageStageConfig, Te
 from app.runtime import Runtime
 from app.settings import DEMO_MODEL_NAME, Settings
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA_ROOT = ROOT.parent / "shared" / "data" / "datasets"
-DATASET_LABEL_SETS = {"pneumonia_cxr": "chest-xray-pneumonia", "covid_cxr": "chest-xray-covid",
-                      "ham10000": "ham10000", "aptos_dr": "diabetic-retinopathy", "busi": "breast-ultrasound"}
 TIMING_DATASET, TIMING_LABEL_SET = "pneumonia_cxr", "chest-xray-pneumonia"
 
 
@@ -137,16 +134,6 @@ def render(timings: list[dict], rows: list[dict], pretrained: bool | None, model
                      f"| {pct(r['balanced_accuracy'])} | {pct(r['macro_f1'])} | {pct(r['macro_auroc'])} "
                      f"| {r['ece']:.3f} |")
     return "\n".join(lines)
-
-
-def cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
-    except OSError:
-        return "CPU flags: unknown"
-    return "CPU flags: " + ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("avx2", "avx512f",
-                                                                                      "avx512_bf16", "amx_bf16"))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
