@@ -12,6 +12,7 @@ MedzeroError
  │    └── ResultNotFound
  ├── Conflict (409)
  │    ├── LabelSetExists
+ │    ├── RoutesChanged            PUT /routes naming a version that is no longer the current one
  │    ├── AdapterNotFound          method=meduna with no adapter for the label set (says how to train one)
  │    └── AdapterMismatch          a bundle for another model, label-set version, class order or corpus
  ├── PayloadTooLarge (413)
@@ -21,6 +22,7 @@ MedzeroError
  ├── InvalidInput (422)
  │    ├── InvalidImage             empty, truncated, or not an image at all
  │    ├── UnsupportedDicom         no pixel data, multi-frame, unknown photometric interpretation
+ │    │    └── UnsupportedSOPClass  a received instance of a SOP class medzero does not classify (CT, SR, ...)
  │    ├── WrongStudy               STOW-RS into /studies/{study} of an instance of another study
  │    ├── ExtremeAspectRatio       one side far longer than the other (the model's resize would explode it)
  │    ├── UnknownMethod
@@ -32,6 +34,7 @@ MedzeroError
  ├── StoreBusy (503, Retry-After) the database stayed locked by another writer past its busy timeout
  ├── ModelLoadError (500)         raised at start-up; the CLI prints it and exits
  ├── LLMUnavailable (502)         the LLM endpoint is down, refused, or gave no completion
+ ├── DeliveryFailed (502)         a result's SR or webhook was not accepted (kept for retry, never an HTTP answer)
  └── InvalidCorpus (500)          a knowledge_base file that does not match the schema (names file and entry)
 
 Imports nothing from app: every layer may raise these, and the one handler in app/main.py maps them.
@@ -129,6 +132,10 @@ class UnsupportedDicom(InvalidInput):
     code = "unsupported_dicom"
 
 
+class UnsupportedSOPClass(UnsupportedDicom):
+    code = "unsupported_sop_class"
+
+
 class WrongStudy(InvalidInput):
     code = "wrong_study"
 
@@ -179,3 +186,11 @@ class InvalidCorpus(MedzeroError):
 
 class LLMUnavailable(MedzeroError):
     status_code, code = 502, "llm_unavailable"
+
+
+class DeliveryFailed(MedzeroError):
+    status_code, code = 502, "delivery_failed"
+
+
+class RoutesChanged(Conflict):
+    code = "routes_changed"

@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import metrics
-from app.api.routes import adapters, calibration, classify, dicomweb, health, kpl, labels
+from app.api.routes import adapters, calibration, classify, dicomweb, health, kpl, labels, results, routing
 from app.errors import MedzeroError, Overloaded, PayloadTooLarge
 from app.runtime import Runtime
 from app.settings import Settings
@@ -50,6 +50,8 @@ def create_app(settings: Settings, *, on_startup_failure: Callable[[MedzeroError
     app.include_router(calibration.router)
     app.include_router(adapters.router)
     app.include_router(dicomweb.router)
+    app.include_router(results.router)
+    app.include_router(routing.router)
     app.add_exception_handler(MedzeroError, medzero_error_response)
     app.add_exception_handler(RequestValidationError, validation_error_response)
     app.add_exception_handler(HTTPException, http_error_response)

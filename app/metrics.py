@@ -32,3 +32,14 @@ KPL_FIT_SECONDS = Histogram("medzero_kpl_fit_duration_seconds", "Seconds per KPL
                             buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
 KPL_FIT_IMAGES = Histogram("medzero_kpl_fit_pool_images", "Pool images per KPL proxy fit.",
                            buckets=(2, 16, 64, 256, 1024, 4096, 16384))
+INGEST_QUEUE = Gauge("medzero_ingest_queue_instances", "DICOM instances queued or being classified.")
+DICOM_RECEIVED = Counter("medzero_dicom_instances_total",
+                         "DICOM instances received, by path (stow-rs, c-store) and outcome (queued, skipped: no "
+                         "routing rule, duplicate: received before, refused: unusable).", ["source", "outcome"])
+DICOM_CLASSIFIED = Counter("medzero_dicom_classified_total",
+                           "Queued DICOM instances classified (done), failed for good, or queued again (retry).",
+                           ["outcome"])
+DELIVERIES = Counter("medzero_result_deliveries_total",
+                     "Result deliveries (SR by C-STORE or STOW-RS, JSON webhook) by outcome: sent, retry (will be "
+                     "tried again), dead_letter (gave up).", ["target", "outcome"])
+DEAD_LETTERS = Gauge("medzero_result_dead_letters", "Result deliveries in the dead-letter state now.", ["target"])

@@ -16,8 +16,8 @@ from typing import Literal
 
 import torch
 
-from app import metrics
-from app.dicom.routing import RoutingTable, load_routes
+from app import __version__, metrics
+from app.dicom.scp import StoreSCP
 from app.encoders.batcher import Batcher
 from app.encoders.loader import Encoder, load_encoder
 from app.encoders.visual_prompts import vision_width
@@ -32,14 +32,18 @@ from app.services.admission import Admission
 from app.services.builtin_label_sets import BUILTIN_LABEL_SETS
 from app.services.calibration import CalibrationService
 from app.services.classify import Classifier, ImageLimits, MetricLabelSets
+from app.services.delivery import DeliveryService, delivery_targets
 from app.services.ingest import IngestService
 from app.services.kpl_fits import KPLFitService
 from app.services.label_sets import LabelSetService
+from app.services.routing import RoutingService
 from app.settings import Settings
 from app.storage.db import create_db_engine
+from app.storage.deliveries import DeliveryRepository
 from app.storage.inbox import InboxRepository
 from app.storage.label_sets import LabelSetRepository
 from app.storage.method_states import MethodStateRepository
+from app.storage.routes import RouteRepository
 
 log = logging.getLogger(__name__)
 State = Literal["loading", "ready", "failed", "stopped"]
@@ -79,7 +83,9 @@ class Core:
     kpl_fits: KPLFitService
     calibrations: CalibrationService
     adapters: AdapterService
+    routing: RoutingService
     ingest: IngestService
+    deliveries: DeliveryService
 
 
 class Runtime:
@@ -90,7 +96,8 @@ class Runtime:
         self.repository = LabelSetRepository(self.engine)
         self.states = MethodStateRepository(self.engine)
         self.inbox = InboxRepository(self.engine)
-        self._ingest_task: asyncio.Task | None = None
+        self._workers: list[asyncio.Task] = []
+        self._scp: StoreSCP | None = None
         self.admission = Admission(settings.max_in_flight_images, settings.max_concurrent_batch_bodies)
         self._state: State = "loading"
         self._failure: str | None = None
@@ -144,13 +151,37 @@ class Runtime:
         return self._ready_core().adapters
 
     @property
+    def routing(self) -> RoutingService:
+        return self._ready_core().routing
+
+    @property
     def ingest(self) -> IngestService:
         return self._ready_core().ingest
 
-    def start_ingest(self) -> None:
-        """The inbox worker (the server's, not a job's): classifies what STOW-RS queued, also after a crash."""
-        self._ingest_task = asyncio.get_running_loop().create_task(self._ready_core().ingest.run(),
-                                                                   name="medzero-ingest")
+    @property
+    def deliveries(self) -> DeliveryService:
+        return self._ready_core().deliveries
+
+    @property
+    def dicom_port(self) -> int | None:
+        """The port the C-STORE SCP listens on (the bound one when MEDZERO_DICOM_PORT=0), or None."""
+        return self._scp.port if self._scp else None
+
+    def _start_dicom(self, core: Core) -> None:
+        """The server's DICOM side, not a job's: the inbox worker (classifies what was queued, also before a
+        crash), the delivery worker (SRs and webhooks) and, when MEDZERO_DICOM_PORT is set, the C-STORE SCP."""
+        loop = asyncio.get_running_loop()
+        self._workers = [loop.create_task(core.ingest.run(), name="medzero-ingest"),
+                         loop.create_task(core.deliveries.run(), name="medzero-deliveries")]
+        settings = self.settings
+        if settings.dicom_port is not None:
+            self._scp = StoreSCP(core.ingest, ae_title=settings.dicom_ae_title,
+                                 allowed_ae_titles=settings.dicom_allowed_ae_titles,
+                                 timeout_seconds=settings.dicom_network_timeout_seconds,
+                                 max_instance_bytes=settings.max_upload_bytes)
+            self._scp.start(settings.resolved_dicom_host, settings.dicom_port)
+            if not settings.dicom_allowed_ae_titles:
+                log.warning("the DICOM SCP accepts any calling AE title; set MEDZERO_DICOM_ALLOWED_AE_TITLES")
 
     @property
     def state(self) -> State:
@@ -181,16 +212,15 @@ class Runtime:
 
     async def _load_reporting(self, on_failure: Callable[[MedzeroError], None] | None) -> None:
         try:
-            await self.load(progress=True)
+            await self.load(progress=True, serve_dicom=True)
         except MedzeroError as exc:
             log.error("cannot start: %s", exc)
             if on_failure is not None:
                 on_failure(exc)
-            return
-        self.start_ingest()
 
-    async def load(self, *, progress: bool = False, index: IndexSync = "sync") -> None:
-        """Load the encoder, start the batcher, then build what depends on them; MedzeroError when it cannot."""
+    async def load(self, *, progress: bool = False, index: IndexSync = "sync", serve_dicom: bool = False) -> None:
+        """Load the encoder, start the batcher, then build what depends on them (and, for the server, start the
+        DICOM workers and listener before turning ready); MedzeroError when it cannot."""
         started = time.perf_counter()
         try:
             encoder = await asyncio.to_thread(load_encoder, self.settings)
@@ -199,6 +229,8 @@ class Runtime:
                                     timeout_seconds=self.settings.encode_timeout_seconds)
             self._batcher.start()
             self._core = await asyncio.to_thread(self._build, encoder, self._batcher, progress, index)
+            if serve_dicom:
+                self._start_dicom(self._core)
         except MedzeroError as exc:
             self._fail(str(exc))
             raise
@@ -252,11 +284,16 @@ class Runtime:
         loaded = adapters.load_dir(settings.resolved_adapters_dir)
         if loaded:
             log.info("adapters: %d bundles under %s", len(loaded), settings.resolved_adapters_dir)
-        routes = load_routes(settings.dicom_routes_file) if settings.dicom_routes_file else RoutingTable()
-        ingest = IngestService(self.inbox, routes, classifier, lease_seconds=settings.ingest_lease_seconds,
+        routing = RoutingService(RouteRepository(self.engine), settings.dicom_routes_file)
+        routing.load()
+        deliveries = DeliveryService(DeliveryRepository(self.engine), self.inbox, settings,
+                                     pretrained_weights=lambda: encoder.has_pretrained_weights,
+                                     software_version=__version__)
+        ingest = IngestService(self.inbox, routing, classifier, deliveries=delivery_targets(settings),
+                               on_result=deliveries.wake, lease_seconds=settings.ingest_lease_seconds,
                                max_attempts=settings.ingest_max_attempts)
         return Core(encoder, batcher, label_sets, knowledge, classifier, kpl_fits,
-                    CalibrationService(classifier, self.states), adapters, ingest)
+                    CalibrationService(classifier, self.states), adapters, routing, ingest, deliveries)
 
     def _fail(self, reason: str) -> None:
         self._state, self._failure = "failed", reason
@@ -264,9 +301,11 @@ class Runtime:
     async def stop(self) -> None:
         metrics.READY.set(0)
         self._state = "stopped"
-        if self._ingest_task is not None:
-            self._ingest_task.cancel()
-            await asyncio.gather(self._ingest_task, return_exceptions=True)
+        if self._scp is not None:
+            await asyncio.to_thread(self._scp.stop)
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()
             await asyncio.gather(self._load_task, return_exceptions=True)

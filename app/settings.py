@@ -66,10 +66,23 @@ class Settings(BaseSettings):
     kpl_proxy_iters: int = Field(2000, ge=1)
     kpl_pool_root: Path | None = None          # server-side folders under this root may be fitted on
     kpl_max_pool_images: int = Field(20000, ge=2)
-    # DICOM ingestion (STOW-RS): routing rules (YAML) and the durable inbox's worker
-    dicom_routes_file: Path | None = None      # no file: every received instance is recorded as skipped
+    # DICOM ingestion (STOW-RS, and C-STORE when dicom_port is set): routing rules and the durable inbox's worker
+    dicom_routes_file: Path | None = None      # YAML rules imported at start when changed; else /routes' table
     ingest_lease_seconds: float = Field(300.0, gt=0)   # an instance a dead worker held comes back after this
     ingest_max_attempts: int = Field(3, ge=1)          # classifications refused with 503 are retried this often
+    dicom_port: int | None = Field(None, ge=0, le=65535)   # the C-STORE / C-ECHO SCP; None: no DIMSE listener
+    dicom_host: str | None = None              # the SCP's bind address; default: `host`
+    dicom_ae_title: str = Field("MEDZERO", min_length=1, max_length=16)
+    dicom_allowed_ae_titles: Annotated[list[str], NoDecode] = Field(default_factory=list)  # empty: any caller
+    dicom_network_timeout_seconds: float = Field(30.0, gt=0)   # ACSE / DIMSE / network timeouts, SCP and SCU
+
+    # where results go: an AI Results SR by C-STORE (AET@host:port) and/or STOW-RS, and a JSON webhook
+    sr_destination: str | None = Field(None, pattern=r"^[^@\\]{1,16}@[^:@]+:\d{1,5}$")
+    sr_stow_url: str | None = None             # a DICOMweb base URL; the SR is POSTed to <url>/studies/<study>
+    result_webhook_url: str | None = None      # each result's JSON is POSTed here
+    institution_name: str | None = None        # written into the SR's equipment module
+    delivery_max_attempts: int = Field(8, ge=1)         # then the delivery is a dead letter (visible in /results)
+    delivery_retry_seconds: float = Field(5.0, gt=0)    # the first retry's delay; doubled per attempt, at most 1 h
 
     # trained adapters (`medzero train meduna` bundles): every one under this folder is loaded at start-up
     adapters_dir: Path | None = None           # default: <data_dir>/adapters
@@ -89,12 +102,16 @@ class Settings(BaseSettings):
     llm_timeout_seconds: float = Field(60.0, gt=0)
     llm_max_retries: int = Field(4, ge=0)
 
-    @field_validator("metrics_label_sets", mode="before")
+    @field_validator("metrics_label_sets", "dicom_allowed_ae_titles", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):
             return [name.strip() for name in value.split(",") if name.strip()]
         return value
+
+    @property
+    def resolved_dicom_host(self) -> str:
+        return self.dicom_host or self.host
 
     @property
     def resolved_adapters_dir(self) -> Path:

@@ -1,6 +1,7 @@
-"""The Dockerfile, parsed (dockerfile-parse) rather than grepped: hadolint passes, the final stage runs as a non-root
-user, its HEALTHCHECK really probes /healthz, it starts the CLI this project installs, ships the bundled folders and
-exposes the port the server binds."""
+"""The Dockerfile, parsed (dockerfile-parse) rather than grepped: hadolint passes, a builder stage installs and a slim
+final stage runs as a non-root user, its HEALTHCHECK really probes /healthz, it starts the CLI this project installs,
+ships the bundled folders beside the editable install, takes torch from the index COMPUTE names and exposes the ports
+the server binds."""
 import fnmatch
 import http.server
 import json
@@ -28,11 +29,27 @@ def dockerfile() -> DockerfileParser:
     return DockerfileParser(path=str(ROOT / "Dockerfile"))
 
 
+def stages(dockerfile: DockerfileParser) -> list[tuple[str, list[dict]]]:
+    """Each stage as (its FROM value, the instructions after that FROM up to the next one)."""
+    found: list[tuple[str, list[dict]]] = []
+    for instruction in dockerfile.structure:
+        if instruction["instruction"] == "FROM":
+            found.append((instruction["value"], []))
+        elif instruction["instruction"] != "COMMENT" and found:
+            found[-1][1].append(instruction)
+    return found
+
+
 def final_stage(dockerfile: DockerfileParser) -> list[dict]:
     """The instructions after the last FROM: what the image that runs is made of."""
-    instructions = [i for i in dockerfile.structure if i["instruction"] != "COMMENT"]
-    last_from = max(n for n, i in enumerate(instructions) if i["instruction"] == "FROM")
-    return instructions[last_from + 1:]
+    return stages(dockerfile)[-1][1]
+
+
+def stage_named(dockerfile: DockerfileParser, name: str) -> list[dict]:
+    named = {value.split()[-1]: instructions for value, instructions in stages(dockerfile)
+             if len(value.split()) == 3 and value.split()[1].upper() == "AS"}
+    assert name in named, f"no stage named {name!r}; stages: {list(named)}"
+    return named[name]
 
 
 def values(dockerfile: DockerfileParser, instruction: str) -> list[str]:
@@ -111,36 +128,95 @@ def _ignored(path: str, patterns: list[str]) -> bool:
 
 
 def test_ships_the_bundled_folders_beside_the_editable_install(dockerfile: DockerfileParser) -> None:
-    """settings.BUNDLED_MODEL_DIR / BUNDLED_KNOWLEDGE_BASE_DIR are found beside app/, so each folder must be copied
-    from the repo (and not dropped by .dockerignore) into the WORKDIR before `pip install --editable .`."""
+    """settings.BUNDLED_MODEL_DIR / BUNDLED_KNOWLEDGE_BASE_DIR are found beside app/. The builder installs the project
+    editable (the venv records its WORKDIR); the final stage copies that venv and puts each folder, from the repo (and
+    not dropped by .dockerignore), into the same WORKDIR before the RUN that imports the app there."""
     stage = final_stage(dockerfile)
     workdir = PurePosixPath(values(dockerfile, "WORKDIR")[-1])
-    copies = {}
+    copies, from_builder = {}, []
     for n, instruction in enumerate(stage):
         if instruction["instruction"] == "COPY":
             *sources, destination = shlex.split(instruction["value"])
-            copies.update({source: (workdir / destination, n) for source in sources})
-    editable = next(n for n, i in enumerate(stage) if i["instruction"] == "RUN" and "--editable ." in i["value"])
+            if sources[0].startswith("--from="):
+                from_builder.append((sources[0].removeprefix("--from="), sources[1:], destination))
+            else:
+                copies.update({source: (workdir / destination, n) for source in sources})
+    editable_stages = [instructions for _, instructions in stages(dockerfile)
+                       if any(i["instruction"] == "RUN" and "--editable ." in i["value"] for i in instructions)]
+    assert editable_stages, "no stage runs `pip install --editable .`"
+    editable_workdir = PurePosixPath([i["value"] for i in editable_stages[0] if i["instruction"] == "WORKDIR"][-1])
+    assert editable_workdir == workdir, ("the editable install points at", editable_workdir, "the code sits in", workdir)
+    if editable_stages[0] is not stage:
+        assert any(src == ["/opt/venv"] and dest == "/opt/venv" for _, src, dest in from_builder), \
+            f"the final stage does not copy the builder's /opt/venv: {from_builder}"
+    smoke = next((n for n, i in enumerate(stage) if i["instruction"] == "RUN" and "import app.main" in i["value"]),
+                 None)
+    assert smoke is not None, "the final stage never imports app.main: a broken venv copy would pass the build"
     ignore_file = ROOT / ".dockerignore"
     patterns = [line.strip().rstrip("/") for line in ignore_file.read_text().splitlines()
                 if line.strip() and not line.startswith("#")] if ignore_file.exists() else []
     for folder in BUNDLED_FOLDERS:
         assert folder in copies, f"COPY {folder} is missing"
         destination, position = copies[folder]
-        assert destination == workdir / folder.rstrip("/") and position < editable, (folder, destination)
+        assert destination == workdir / folder.rstrip("/") and position < smoke, (folder, destination)
         files = [p.relative_to(ROOT).as_posix() for p in (ROOT / folder).rglob("*")
                  if p.is_file() and "__pycache__" not in p.parts]
         assert files, f"{folder} is empty in the repo"
         assert not [f for f in files if _ignored(f, patterns)], f".dockerignore drops files of {folder}"
+    for needed in ("pyproject.toml", "README.md"):      # the builder's `pip install .` reads both
+        assert not _ignored(needed, patterns), f".dockerignore drops {needed}"
 
 
-def test_exposes_the_port_the_server_binds_on_all_interfaces(dockerfile: DockerfileParser) -> None:
+def test_exposes_the_ports_the_server_binds_on_all_interfaces(dockerfile: DockerfileParser) -> None:
     env = dockerfile.envs                       # the final stage's ENV, as the container starts with it
     exposed = {port.split("/")[0] for value in values(dockerfile, "EXPOSE") for port in value.split()}
     assert env["MEDZERO_PORT"] in exposed, (env["MEDZERO_PORT"], exposed)
+    assert env.get("MEDZERO_DICOM_PORT") in exposed, ("the DICOM SCP's port", env.get("MEDZERO_DICOM_PORT"), exposed)
     assert env["MEDZERO_HOST"] == "0.0.0.0", "bound to loopback, the port is unreachable from outside the container"
+    assert env.get("MEDZERO_DICOM_AE_TITLE") == "MEDZERO", env.get("MEDZERO_DICOM_AE_TITLE")
     unknown = [k for k in env if k.startswith("MEDZERO_") and k.removeprefix("MEDZERO_").lower()
                not in Settings.model_fields]
     assert not unknown, f"ENV sets variables Settings does not read: {unknown}"
     volumes = [v for value in values(dockerfile, "VOLUME") for v in json.loads(value)]
-    assert env["MEDZERO_DATA_DIR"] in volumes, "the database would live in the container's writable layer"
+    assert env["MEDZERO_DATA_DIR"] == "/data" and "/data" in volumes, \
+        "the database would live in the container's writable layer"
+
+
+def test_a_builder_stage_installs_and_a_slim_stage_runs(dockerfile: DockerfileParser) -> None:
+    found = stages(dockerfile)
+    assert len(found) >= 2, f"one stage only: {[value for value, _ in found]}"
+    image = found[-1][0].split()[0]
+    assert "slim" in image.partition(":")[2], f"the final stage's base {image} is not a slim image"
+    assert not any(i["instruction"] == "RUN" and "pip install" in i["value"] for i in final_stage(dockerfile)), \
+        "the final stage installs packages itself; the builder should"
+
+
+def _resolve(value: str, args: dict[str, str]) -> str:
+    for name, default in args.items():
+        value = value.replace("${" + name + "}", default).replace("$" + name, default)
+    return value
+
+
+def test_compute_selects_the_torch_wheel_index_within_pyproject_bounds(dockerfile: DockerfileParser) -> None:
+    """ARG COMPUTE (cpu by default) is declared in the stage that installs torch (an ARG before FROM is not seen
+    inside a stage) and names the PyTorch index torch and torchvision come from, within pyproject.toml's bounds."""
+    torch_runs = [(instructions, n, i["value"]) for _, instructions in stages(dockerfile)
+                  for n, i in enumerate(instructions)
+                  if i["instruction"] == "RUN" and "--index-url" in i["value"] and "torch" in i["value"]]
+    assert len(torch_runs) == 1, "expected one RUN installing torch from --index-url"
+    instructions, position, command = torch_runs[0]
+    args = {}
+    for instruction in instructions[:position]:
+        if instruction["instruction"] == "ARG":
+            name, _, default = instruction["value"].partition("=")
+            args[name] = default.strip('"')
+    assert args.get("COMPUTE") == "cpu", f"ARG COMPUTE=cpu is not declared in the torch stage before use: {args}"
+    assert "${COMPUTE}" in command or "$COMPUTE" in command, "COMPUTE does not feed the torch install"
+    tokens = shlex.split(_resolve(command.split("&&")[0], args))
+    assert tokens[tokens.index("--index-url") + 1] == "https://download.pytorch.org/whl/cpu", tokens
+    requirements = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    bounds = {r.split(">")[0].split("<")[0].strip(): r.replace(" ", "") for r in requirements
+              if r.startswith(("torch>", "torch<", "torchvision"))}
+    assert set(bounds) == {"torch", "torchvision"}, bounds
+    for name, requirement in bounds.items():
+        assert requirement in tokens, f"{requirement} (pyproject.toml) is not what the Dockerfile installs: {tokens}"

@@ -6,6 +6,7 @@ from typing import Annotated
 from fastapi import Form, Query
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
+from app.dicom.routing import RouteRule, RoutingTable
 from app.domain import LabelClass, LabelSet, LabelSetSpec
 from app.errors import InvalidInput
 
@@ -229,6 +230,17 @@ class AdaptersPublic(BaseModel):
     count: int
 
 
+class DeliveryPublic(BaseModel):
+    target: str = Field(description="cstore (SR by C-STORE), stow (SR by STOW-RS) or webhook.")
+    destination: str
+    state: str = Field(description="pending | sending | sent | dead_letter (gave up; POST /results/{id}/retry).")
+    attempts: int
+    last_error: str | None = None
+    next_attempt_at: datetime | None = None
+    sent_at: datetime | None = None
+    sr_sop_instance_uid: str | None = Field(None, description="The SR sent into the study.")
+
+
 class ResultPublic(BaseModel):
     id: int
     study_instance_uid: str
@@ -247,8 +259,47 @@ class ResultPublic(BaseModel):
     prediction_set: list[str] | None = None
     prediction_set_coverage: float | None = None
     created_at: datetime
+    deliveries: list[DeliveryPublic] = Field(default_factory=list)
 
 
 class ResultsPublic(BaseModel):
     data: list[ResultPublic]
     count: int
+
+
+class RetryPublic(BaseModel):
+    retried: int = Field(description="Dead-letter deliveries of the result due again now.")
+
+
+class InstancePublic(BaseModel):
+    """A received DICOM instance: queued, processing, done, skipped (no routing rule: the reason says what it
+    carried) or failed (the reason says why)."""
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_class_uid: str
+    source: str
+    label_set: str | None
+    method: str | None
+    state: str
+    reason: str | None
+    attempts: int
+    received_at: datetime
+
+
+class InstancesPublic(BaseModel):
+    data: list[InstancePublic]
+    count: int
+
+
+class RoutesUpdate(RoutingTable):
+    """The new rules, in order: the first rule whose every condition holds wins."""
+    version: int | None = Field(None, description="The version read; refused (409) when the table changed since.")
+
+
+class RoutesPublic(BaseModel):
+    version: int = Field(description="0: no table stored yet.")
+    source: str | None = Field(description="file (MEDZERO_DICOM_ROUTES_FILE) or api (PUT /routes).")
+    routes_file: str | None
+    updated_at: datetime | None
+    rules: list[RouteRule]

@@ -111,7 +111,7 @@ class RoutingTable(BaseModel):
             if rule.matches(facts):
                 return Route(rule.name, rule.label_set, rule.method)
         return Skip(f"no routing rule matches {facts.described()}" if self.rules
-                    else "no routing rules are configured (MEDZERO_DICOM_ROUTES_FILE)")
+                    else "no routing rules are configured (MEDZERO_DICOM_ROUTES_FILE or PUT /routes)")
 
 
 def load_routes(path: Path) -> RoutingTable:

@@ -134,6 +134,37 @@ class ResultRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class DeliveryRow(Base):
+    """Sending one result to one target (an SR by C-STORE or STOW-RS, a JSON webhook), created with the result:
+    pending -> sending (leased) -> sent | dead_letter; a failed attempt is pending again after a back-off."""
+    __tablename__ = "result_deliveries"
+    __table_args__ = (UniqueConstraint("result_id", "target"), Index("ix_result_deliveries_due", "state", "due_at"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("dicom_results.id", ondelete="CASCADE"), index=True)
+    target: Mapped[str] = mapped_column(String(16))          # cstore | stow | webhook
+    destination: Mapped[str] = mapped_column(String(512))    # AET@host:port or a URL, as configured then
+    state: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(String(1000))
+    due_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)   # next attempt, or lease end
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    sr_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))   # the SR sent (same UID on every retry)
+
+
+class RoutingRow(Base):
+    """The routing table in force (one row): set through /routes, or imported from MEDZERO_DICOM_ROUTES_FILE
+    when that file's content changed since it was last imported."""
+    __tablename__ = "dicom_routes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    rules: Mapped[list] = mapped_column(JSON)                 # RoutingTable.model_dump()["rules"]
+    source: Mapped[str] = mapped_column(String(16))           # file | api
+    file_sha256: Mapped[str | None] = mapped_column(String(64))   # the file content last imported
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class MetaRow(Base):
     __tablename__ = "meta"
 

@@ -5,16 +5,27 @@ instance survives a crash. Workers lease the oldest queued instance; a lease tha
 process was killed -- puts it back. Finishing writes the result and the `done` state in one transaction, and
 results are unique per instance, so every instance is classified exactly once however often the server dies.
 """
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
-from app.storage.db import InboxRow, ResultRow, as_utc, session_factories, utcnow, write_transaction
+from app.storage.db import (
+    DeliveryRow,
+    InboxRow,
+    ResultRow,
+    as_utc,
+    session_factories,
+    utcnow,
+    write_transaction,
+)
+from app.storage.deliveries import PENDING, DeliveryRecord, delivery_record
 
 QUEUED, PROCESSING, DONE, SKIPPED, FAILED = "queued", "processing", "done", "skipped", "failed"
+STATES = (QUEUED, PROCESSING, DONE, SKIPPED, FAILED)
 
 
 @dataclass(frozen=True)
@@ -60,6 +71,14 @@ class ResultRecord:
     model_id: str
     classification: dict
     created_at: datetime
+    deliveries: list[DeliveryRecord] = field(default_factory=list)
+
+    def document(self) -> dict:
+        """The result as JSON-ready fields: what /results shows (without deliveries) and the webhook sends."""
+        return {"id": self.id, "study_instance_uid": self.study_instance_uid,
+                "series_instance_uid": self.series_instance_uid, "sop_instance_uid": self.sop_instance_uid,
+                "label_set": self.label_set, "label_set_version": self.label_set_version, "method": self.method,
+                "model": self.model_id, "created_at": self.created_at.isoformat(), **self.classification}
 
 
 class InboxRepository:
@@ -101,10 +120,11 @@ class InboxRepository:
             row.lease_until, row.updated_at = now + timedelta(seconds=lease_seconds), now
             return _entry(row), row.dicom
 
-    def complete(self, entry: InboxEntry, *, label_set_version: int, model_id: str,
-                 classification: dict) -> ResultRecord | None:
-        """Store the result and mark the instance done, together; None when it is done already (another worker
-        finished it after this one's lease ran out): the first result stands."""
+    def complete(self, entry: InboxEntry, *, label_set_version: int, model_id: str, classification: dict,
+                 deliveries: Sequence[tuple[str, str]] = ()) -> ResultRecord | None:
+        """Store the result, its pending deliveries ((target, destination) pairs) and the instance's `done`, in one
+        transaction; None when it is done already (another worker finished it after this one's lease ran out):
+        the first result stands."""
         now = utcnow()
         result = ResultRow(inbox_id=entry.id, study_instance_uid=entry.study_instance_uid,
                            series_instance_uid=entry.series_instance_uid, sop_instance_uid=entry.sop_instance_uid,
@@ -113,11 +133,15 @@ class InboxRepository:
         try:
             with write_transaction(self._writers) as session:
                 session.add(result)
+                session.flush()
+                rows = [DeliveryRow(result_id=result.id, target=target, destination=destination, state=PENDING,
+                                    attempts=0, due_at=now) for target, destination in deliveries]
+                session.add_all(rows)
                 session.execute(update(InboxRow).where(InboxRow.id == entry.id)
                                 .values(state=DONE, reason=None, lease_until=None, updated_at=now))
         except IntegrityError:
             return None
-        return _result(result)
+        return _result(result, [delivery_record(row) for row in rows])
 
     def fail(self, entry: InboxEntry, reason: str, *, retry: bool) -> None:
         """A classification that did not work: back in the queue (retry) or failed for good, with the reason."""
@@ -133,6 +157,22 @@ class InboxRepository:
             return session.execute(update(InboxRow).where(InboxRow.state == PROCESSING)
                                    .values(state=QUEUED, lease_until=None, updated_at=utcnow())).rowcount
 
+    def entries(self, *, study_instance_uid: str | None = None, state: str | None = None,
+                limit: int = 100) -> list[InboxEntry]:
+        """Received instances, newest first (skipped and failed ones say why)."""
+        query = select(InboxRow).order_by(InboxRow.id.desc()).limit(limit)
+        if study_instance_uid is not None:
+            query = query.where(InboxRow.study_instance_uid == study_instance_uid)
+        if state is not None:
+            query = query.where(InboxRow.state == state)
+        with self._readers() as session:
+            return [_entry(row) for row in session.scalars(query)]
+
+    def source_dicom(self, inbox_id: int) -> bytes | None:
+        """The Part 10 bytes an instance arrived as (the SR copies its patient and study from them)."""
+        with self._readers() as session:
+            return session.scalar(select(InboxRow.dicom).where(InboxRow.id == inbox_id))
+
     def waiting(self) -> int:
         with self._readers() as session:
             return session.scalar(select(func.count()).select_from(InboxRow)
@@ -143,12 +183,13 @@ class InboxRepository:
         if study_instance_uid is not None:
             query = query.where(ResultRow.study_instance_uid == study_instance_uid)
         with self._readers() as session:
-            return [_result(row) for row in session.scalars(query)]
+            rows = list(session.scalars(query))
+            return [_result(row, deliveries) for row, deliveries in zip(rows, _deliveries_of(session, rows))]
 
     def result(self, result_id: int) -> ResultRecord | None:
         with self._readers() as session:
             row = session.get(ResultRow, result_id)
-            return _result(row) if row else None
+            return _result(row, _deliveries_of(session, [row])[0]) if row else None
 
 
 def _entry(row: InboxRow) -> InboxEntry:
@@ -157,7 +198,16 @@ def _entry(row: InboxRow) -> InboxEntry:
                       as_utc(row.created_at))
 
 
-def _result(row: ResultRow) -> ResultRecord:
+def _deliveries_of(session, rows: list[ResultRow]) -> list[list[DeliveryRecord]]:
+    ids = [row.id for row in rows]
+    found: dict[int, list[DeliveryRecord]] = {result_id: [] for result_id in ids}
+    if ids:
+        for row in session.scalars(select(DeliveryRow).where(DeliveryRow.result_id.in_(ids)).order_by(DeliveryRow.id)):
+            found[row.result_id].append(delivery_record(row))
+    return [found[result_id] for result_id in ids]
+
+
+def _result(row: ResultRow, deliveries: list[DeliveryRecord]) -> ResultRecord:
     return ResultRecord(row.id, row.inbox_id, row.study_instance_uid, row.series_instance_uid, row.sop_instance_uid,
                         row.label_set, row.label_set_version, row.method, row.model_id, dict(row.classification),
-                        as_utc(row.created_at))
+                        as_utc(row.created_at), deliveries)

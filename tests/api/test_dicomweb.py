@@ -121,3 +121,36 @@ def test_without_routes_everything_is_skipped(tmp_path: Path) -> None:
         assert client.post("/dicomweb/studies", content=body, headers=headers).status_code == 200
         entry = client.app.state.runtime.inbox.entry_for(str(pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID))
         assert entry.state == "skipped" and "MEDZERO_DICOM_ROUTES_FILE" in entry.reason
+
+
+def relabelled(data: bytes, transfer_syntax: str) -> bytes:
+    """The same pixels encapsulated under another (compressed) Transfer Syntax UID, as a sender of, say, MPEG-2
+    video would send them."""
+    dataset = pydicom.dcmread(io.BytesIO(data))
+    dataset.PixelData = pydicom.encaps.encapsulate([dataset.PixelData])
+    dataset["PixelData"].VR = "OB"
+    dataset.file_meta.TransferSyntaxUID = transfer_syntax
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, dataset, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_bad_dicom_is_refused_with_its_reason(client: TestClient) -> None:
+    study = generate_uid()
+    good = in_study(study, rows=64, columns=64)
+    truncated = good[: len(good) - 2000]                   # the pixel data cut short
+    ct = make_dicom_dataset()
+    ct.SOPClassUID = ct.file_meta.MediaStorageSOPClassUID = pydicom.uid.CTImageStorage
+    ct.StudyInstanceUID = study
+    buffer = io.BytesIO()
+    ct.save_as(buffer, enforce_file_format=True)
+    body, headers = multipart([truncated, relabelled(in_study(study), pydicom.uid.MPEG2MPML), buffer.getvalue(),
+                               in_study(study, with_pixel_data=False)])
+    stored = client.post(f"/dicomweb/studies/{study}", content=body, headers=headers)
+    assert stored.status_code == 409
+    reasons = [item[FAILURE_REASON]["Value"][0] for item in stored.json()[FAILED]["Value"]]
+    assert reasons == [0xC000, 0xC000, 0x0122, 0xC000]
+    warning = stored.headers["warning"]
+    for said in ("truncated pixel data", "MPEG2", "CT Image Storage", "no pixel data"):
+        assert said in warning
+    assert client.get("/dicom/instances", params={"study": study}).json()["count"] == 0

@@ -1,5 +1,5 @@
 """DICOMweb STOW-RS (`POST /dicomweb/studies[/{study}]`, multipart/related of application/dicom parts) into the
-durable inbox, answered with the standard response dataset (application/dicom+json); and /results."""
+durable inbox, answered with the standard response dataset (application/dicom+json)."""
 from email.parser import BytesParser
 from email.policy import HTTP
 
@@ -9,15 +9,15 @@ from pydicom.dataset import Dataset
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import RuntimeDep
-from app.api.schemas import ErrorBody, ResultPublic, ResultsPublic
-from app.errors import InvalidInput, MedzeroError, ResultNotFound, UnsupportedMediaType
+from app.api.schemas import ErrorBody
+from app.errors import InvalidInput, MedzeroError, UnsupportedMediaType
 from app.services.ingest import Receipt
-from app.storage.inbox import ResultRecord
 
 router = APIRouter(tags=["dicom"])
 ERRORS = {code: {"model": ErrorBody} for code in (400, 404, 413, 415, 503)}
 # PS3.4 / PS3.18 failure reasons in FailedSOPSequence
-CANNOT_UNDERSTAND, NOT_THIS_STUDY, PROCESSING_FAILURE = 0xC000, 0xA900, 0x0110
+CANNOT_UNDERSTAND, NOT_THIS_STUDY, PROCESSING_FAILURE, SOP_CLASS_NOT_SUPPORTED = 0xC000, 0xA900, 0x0110, 0x0122
+MAX_WARNINGS = 20                        # Warning headers naming why instances failed (PS3.18 §8.6.2: code 299)
 
 
 @router.post("/dicomweb/studies", responses=ERRORS, include_in_schema=True)
@@ -48,7 +48,9 @@ async def _store(request: Request, runtime: RuntimeDep, study: str | None) -> JS
     response.ReferencedSOPSequence = [_referenced(r.entry.sop_class_uid, r.entry.sop_instance_uid) for r in stored]
     response.FailedSOPSequence = [_failed(data, exc) for data, exc in failed]
     status = 200 if not failed else 202 if stored else 409
-    return JSONResponse(response.to_json_dict(), status_code=status, media_type="application/dicom+json")
+    warnings = [f'299 medzero "{_header_text(str(exc))}"' for _, exc in failed[:MAX_WARNINGS]]
+    return JSONResponse(response.to_json_dict(), status_code=status, media_type="application/dicom+json",
+                        headers={"Warning": ", ".join(warnings)} if warnings else None)
 
 
 def dicom_parts(content_type: str, body: bytes) -> list[bytes]:
@@ -79,28 +81,11 @@ def _failed(data: bytes, exc: MedzeroError) -> Dataset:
     uids = getattr(exc, "uids", None)
     if uids:
         item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = uids
-    item.FailureReason = NOT_THIS_STUDY if exc.code == "wrong_study" else (
-        CANNOT_UNDERSTAND if exc.status_code < 500 else PROCESSING_FAILURE)
+    item.FailureReason = {"wrong_study": NOT_THIS_STUDY, "unsupported_sop_class": SOP_CLASS_NOT_SUPPORTED}.get(
+        exc.code, CANNOT_UNDERSTAND if exc.status_code < 500 else PROCESSING_FAILURE)
     return item
 
 
-@router.get("/results", responses=ERRORS)
-async def list_results(runtime: RuntimeDep, study: str | None = None, limit: int = 100) -> ResultsPublic:
-    """Classification results of received instances, newest first; `study` filters by StudyInstanceUID."""
-    records = await run_in_threadpool(runtime.inbox.results, study_instance_uid=study, limit=min(max(limit, 1), 1000))
-    return ResultsPublic(data=[to_public(r) for r in records], count=len(records))
-
-
-@router.get("/results/{result_id}", responses=ERRORS)
-async def get_result(result_id: int, runtime: RuntimeDep) -> ResultPublic:
-    record = await run_in_threadpool(runtime.inbox.result, result_id)
-    if record is None:
-        raise ResultNotFound(f"no result {result_id}")
-    return to_public(record)
-
-
-def to_public(record: ResultRecord) -> ResultPublic:
-    return ResultPublic(id=record.id, study_instance_uid=record.study_instance_uid,
-                        series_instance_uid=record.series_instance_uid, sop_instance_uid=record.sop_instance_uid,
-                        label_set=record.label_set, label_set_version=record.label_set_version, method=record.method,
-                        model=record.model_id, created_at=record.created_at, **record.classification)
+def _header_text(reason: str) -> str:
+    """A reason as a quoted-string header value: printable ASCII, no quotes or backslashes."""
+    return "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in reason)[:300]

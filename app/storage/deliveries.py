@@ -1,0 +1,96 @@
+"""Result deliveries: each result is sent to each configured target (SR by C-STORE, SR by STOW-RS, webhook).
+
+A delivery row is written with its result (one transaction, so no result is ever left unsent by a crash between
+the two). The worker leases the oldest due row; an attempt that fails is due again after a back-off, and after
+the last attempt the row is a dead letter, kept with its last error until an admin asks for a retry.
+"""
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.engine import Engine
+
+from app.storage.db import DeliveryRow, as_utc, session_factories, utcnow, write_transaction
+
+PENDING, SENDING, SENT, DEAD_LETTER = "pending", "sending", "sent", "dead_letter"
+TARGETS = ("cstore", "stow", "webhook")
+
+
+@dataclass(frozen=True)
+class DeliveryRecord:
+    id: int
+    result_id: int
+    target: str
+    destination: str
+    state: str
+    attempts: int
+    last_error: str | None
+    due_at: datetime
+    sent_at: datetime | None
+    sr_sop_instance_uid: str | None
+
+
+class DeliveryRepository:
+    def __init__(self, engine: Engine) -> None:
+        self._readers, self._writers = session_factories(engine)
+
+    def claim(self, lease_seconds: float) -> DeliveryRecord | None:
+        """Lease the oldest due delivery (pending and due, or sending under a lease that ran out)."""
+        now = utcnow()
+        with write_transaction(self._writers) as session:
+            row = session.scalar(
+                select(DeliveryRow).where(or_(DeliveryRow.state == PENDING, DeliveryRow.state == SENDING),
+                                          DeliveryRow.due_at <= now)
+                .order_by(DeliveryRow.due_at, DeliveryRow.id).limit(1).with_for_update(skip_locked=True))
+            if row is None:
+                return None
+            row.state, row.attempts = SENDING, row.attempts + 1
+            row.due_at = now + timedelta(seconds=lease_seconds)
+            return delivery_record(row)
+
+    def sent(self, delivery: DeliveryRecord, sr_sop_instance_uid: str | None = None) -> None:
+        with write_transaction(self._writers) as session:
+            session.execute(update(DeliveryRow).where(DeliveryRow.id == delivery.id)
+                            .values(state=SENT, sent_at=utcnow(), last_error=None,
+                                    sr_sop_instance_uid=sr_sop_instance_uid))
+
+    def failed(self, delivery: DeliveryRecord, error: str, *, retry_in_seconds: float | None) -> None:
+        """Due again after `retry_in_seconds`, or (None) a dead letter."""
+        values = ({"state": DEAD_LETTER} if retry_in_seconds is None else
+                  {"state": PENDING, "due_at": utcnow() + timedelta(seconds=retry_in_seconds)})
+        with write_transaction(self._writers) as session:
+            session.execute(update(DeliveryRow).where(DeliveryRow.id == delivery.id)
+                            .values(last_error=error[:1000], **values))
+
+    def retry_dead_letters(self, result_id: int | None = None) -> int:
+        """Dead letters (of one result, or all) pending again now, attempts counted afresh."""
+        query = update(DeliveryRow).where(DeliveryRow.state == DEAD_LETTER)
+        if result_id is not None:
+            query = query.where(DeliveryRow.result_id == result_id)
+        with write_transaction(self._writers) as session:
+            return session.execute(query.values(state=PENDING, attempts=0, due_at=utcnow())).rowcount
+
+    def release_leases(self) -> int:
+        """At start-up: what a previous process was sending is due now."""
+        with write_transaction(self._writers) as session:
+            return session.execute(update(DeliveryRow).where(DeliveryRow.state == SENDING)
+                                   .values(state=PENDING, due_at=utcnow())).rowcount
+
+    def next_due(self) -> datetime | None:
+        with self._readers() as session:
+            due = session.scalar(select(func.min(DeliveryRow.due_at))
+                                 .where(DeliveryRow.state.in_((PENDING, SENDING))))
+            return as_utc(due) if due else None
+
+    def dead_letters(self) -> dict[str, int]:
+        with self._readers() as session:
+            counts = dict(session.execute(select(DeliveryRow.target, func.count())
+                                          .where(DeliveryRow.state == DEAD_LETTER)
+                                          .group_by(DeliveryRow.target)).all())
+        return {target: counts.get(target, 0) for target in TARGETS}
+
+
+def delivery_record(row: DeliveryRow) -> DeliveryRecord:
+    return DeliveryRecord(row.id, row.result_id, row.target, row.destination, row.state, row.attempts,
+                          row.last_error, as_utc(row.due_at), as_utc(row.sent_at) if row.sent_at else None,
+                          row.sr_sop_instance_uid)
