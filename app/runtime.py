@@ -291,7 +291,7 @@ class Runtime:
                                      software_version=__version__)
         ingest = IngestService(self.inbox, routing, classifier, deliveries=delivery_targets(settings),
                                on_result=deliveries.wake, lease_seconds=settings.ingest_lease_seconds,
-                               max_attempts=settings.ingest_max_attempts)
+                               max_attempts=settings.ingest_max_attempts, workers=settings.ingest_workers)
         return Core(encoder, batcher, label_sets, knowledge, classifier, kpl_fits,
                     CalibrationService(classifier, self.states), adapters, routing, ingest, deliveries)
 

@@ -70,6 +70,7 @@ class Settings(BaseSettings):
     dicom_routes_file: Path | None = None      # YAML rules imported at start when changed; else /routes' table
     ingest_lease_seconds: float = Field(300.0, gt=0)   # an instance a dead worker held comes back after this
     ingest_max_attempts: int = Field(3, ge=1)          # classifications refused with 503 are retried this often
+    ingest_workers: int = Field(4, ge=1)               # queued instances classified at once (decodes overlap)
     dicom_port: int | None = Field(None, ge=0, le=65535)   # the C-STORE / C-ECHO SCP; None: no DIMSE listener
     dicom_host: str | None = None              # the SCP's bind address; default: `host`
     dicom_ae_title: str = Field("MEDZERO", min_length=1, max_length=16)
@@ -83,6 +84,7 @@ class Settings(BaseSettings):
     institution_name: str | None = None        # written into the SR's equipment module
     delivery_max_attempts: int = Field(8, ge=1)         # then the delivery is a dead letter (visible in /results)
     delivery_retry_seconds: float = Field(5.0, gt=0)    # the first retry's delay; doubled per attempt, at most 1 h
+    delivery_workers: int = Field(4, ge=1)              # deliveries under way at once (associations, HTTP posts)
 
     # trained adapters (`medzero train meduna` bundles): every one under this folder is loaded at start-up
     adapters_dir: Path | None = None           # default: <data_dir>/adapters

@@ -85,6 +85,8 @@ class DeliveryService:
         return count
 
     async def run(self) -> None:
+        """MEDZERO_DELIVERY_WORKERS deliveries at a time, until cancelled; what a previous process was sending is
+        due again first."""
         self._loop = asyncio.get_running_loop()
         released = await asyncio.to_thread(self._deliveries.release_leases)
         if released:
@@ -92,15 +94,18 @@ class DeliveryService:
         await asyncio.to_thread(self._refresh_dead_letters)
         timeout = httpx.Timeout(self._settings.dicom_network_timeout_seconds)
         async with httpx.AsyncClient(timeout=timeout) as client:
-            while True:
-                if await self.deliver_one(client):
-                    continue
-                self._wake.clear()
-                try:
-                    async with asyncio.timeout(await self._idle_for()):
-                        await self._wake.wait()
-                except TimeoutError:
-                    pass
+            await asyncio.gather(*(self._work(client) for _ in range(self._settings.delivery_workers)))
+
+    async def _work(self, client: httpx.AsyncClient) -> None:
+        while True:
+            if await self.deliver_one(client):
+                continue
+            self._wake.clear()
+            try:
+                async with asyncio.timeout(await self._idle_for()):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
 
     async def _idle_for(self) -> float:
         due: datetime | None = await asyncio.to_thread(self._deliveries.next_due)

@@ -57,7 +57,8 @@ class Receipt:
 class IngestService:
     def __init__(self, inbox: InboxRepository, routing: RoutingService, classifier: Classifier, *,
                  deliveries: Sequence[tuple[str, str]] = (), on_result: Callable[[], None] = lambda: None,
-                 lease_seconds: float = 300.0, max_attempts: int = 3, idle_seconds: float = 0.5) -> None:
+                 lease_seconds: float = 300.0, max_attempts: int = 3, workers: int = 4,
+                 idle_seconds: float = 0.5) -> None:
         self._inbox = inbox
         self._routing = routing
         self._classifier = classifier
@@ -65,6 +66,7 @@ class IngestService:
         self._on_result = on_result
         self._lease_seconds = lease_seconds
         self._max_attempts = max_attempts
+        self._workers = workers
         self._idle_seconds = idle_seconds
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -124,12 +126,16 @@ class IngestService:
         return Receipt(entry, new)
 
     async def run(self) -> None:
-        """The worker: classify queued instances until cancelled; leases a previous process held are released
-        first, so what it acknowledged and did not finish is classified now."""
+        """The workers: classify queued instances until cancelled, `workers` at a time (their decodes overlap and
+        their forwards share micro-batches); leases a previous process held are released first, so what it
+        acknowledged and did not finish is classified now."""
         self._loop = asyncio.get_running_loop()
         released = self._inbox.release_leases()
         if released:
             log.info("inbox: %d instances a previous process was classifying are queued again", released)
+        await asyncio.gather(*(self._work() for _ in range(self._workers)))
+
+    async def _work(self) -> None:
         while True:
             metrics.INGEST_QUEUE.set(await asyncio.to_thread(self._inbox.waiting))
             if not await self.process_one():

@@ -2,7 +2,9 @@
 an unreachable destination is retried with back-off, then a dead letter (in /results and the metric) that
 POST /results/{id}/retry sends once the destination is back."""
 import http.server
+import io
 import json
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +20,7 @@ from pynetdicom.sop_class import Comprehensive3DSRStorage
 from app.services.delivery import backoff_seconds
 from tests.api.test_dicomweb import ROUTES, in_study, multipart, results_for
 from tests.conftest import free_port, metric, running_app, tiny_settings
+from tests.factories import make_dicom_dataset
 
 
 class StorageReceiver:
@@ -138,3 +141,34 @@ def test_an_unreachable_destination_ends_as_a_dead_letter_and_retry_sends_it(tmp
 def test_backoff_doubles_up_to_an_hour() -> None:
     assert [backoff_seconds(5, n) for n in (1, 2, 3)] == [5, 10, 20]
     assert backoff_seconds(5, 40) == 3600
+
+
+def test_no_patient_data_in_logs_or_metrics_along_the_whole_path(tmp_path: Path, routes: Path,
+                                                                 receiver: StorageReceiver,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    settings = tiny_settings(tmp_path / "data", dicom_routes_file=routes, dicom_port=0,
+                             sr_destination=f"PACS@127.0.0.1:{receiver.server.server_address[1]}")
+    secrets = ("Doe^Secretname", "MRN-424242", "19450817")
+    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.DEBUG, logger="app")
+    with running_app(settings) as client:
+        dataset = make_dicom_dataset(modality="DX", patient_name=secrets[0])
+        dataset.PatientID, dataset.PatientBirthDate = secrets[1], secrets[2]
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(dataset.SOPClassUID, ExplicitVRLittleEndian)
+        association = ae.associate("127.0.0.1", client.app.state.runtime.dicom_port, ae_title="MEDZERO")
+        assert association.send_c_store(dataset).Status == 0
+        association.release()
+        unroutable = make_dicom_dataset(modality="US", patient_name=secrets[0])   # skipped: its reason too
+        buffer = io.BytesIO()
+        unroutable.save_as(buffer, enforce_file_format=True)
+        body, headers = multipart([buffer.getvalue()])
+        assert client.post("/dicomweb/studies", content=body, headers=headers).status_code == 200
+        deliveries_of(client, str(dataset.StudyInstanceUID), until="sent")
+        [sr] = receiver.received
+        assert sr.PatientID == secrets[1]                       # the SR carries the patient, as it must
+        said = "\n".join(record.getMessage() for record in caplog.records)
+        exposed = (said + client.get("/metrics").text + client.get("/results").text
+                   + client.get("/dicom/instances").text)
+        assert "received" in said                              # the log was captured at all
+        assert not [secret for secret in secrets if secret in exposed]
