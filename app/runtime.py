@@ -185,14 +185,22 @@ class Runtime:
 
     @property
     def state(self) -> State:
-        """ready | loading | failed | stopped; a batching task that died makes a ready server 'failed'."""
-        if self._state == "ready" and self._batcher is not None and self._batcher.failure:
+        """ready | loading | failed | stopped; a batching task or DICOM worker that died makes a ready server
+        'failed'."""
+        if self._state == "ready" and ((self._batcher is not None and self._batcher.failure)
+                                       or self._dead_worker() is not None):
             return "failed"
         return self._state
 
     @property
     def failure(self) -> str | None:
-        return self._failure or (self._batcher.failure if self._batcher is not None else None)
+        dead = self._dead_worker()
+        return (self._failure or (self._batcher.failure if self._batcher is not None else None)
+                or (f"the {dead.get_name()} task stopped: {dead.exception()!r}" if dead is not None else None))
+
+    def _dead_worker(self) -> asyncio.Task | None:
+        """A DICOM worker that ended by itself (they retry every error, so only a bug can end one)."""
+        return next((w for w in self._workers if w.done() and not w.cancelled()), None)
 
     @property
     def ready(self) -> bool:
@@ -291,7 +299,8 @@ class Runtime:
                                      software_version=__version__)
         ingest = IngestService(self.inbox, routing, classifier, deliveries=delivery_targets(settings),
                                on_result=deliveries.wake, lease_seconds=settings.ingest_lease_seconds,
-                               max_attempts=settings.ingest_max_attempts, workers=settings.ingest_workers)
+                               max_attempts=settings.ingest_max_attempts, retry_seconds=settings.ingest_retry_seconds,
+                               workers=settings.ingest_workers)
         return Core(encoder, batcher, label_sets, knowledge, classifier, kpl_fits,
                     CalibrationService(classifier, self.states), adapters, routing, ingest, deliveries)
 

@@ -4,6 +4,7 @@ Built once (by the CLI, a job, or a test) and passed down; nothing else in medze
 """
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -12,6 +13,14 @@ BUNDLED_MODEL_DIR = Path(__file__).resolve().parent.parent / "models"
 BUNDLED_KNOWLEDGE_BASE_DIR = Path(__file__).resolve().parent.parent / "knowledge_base"
 DEMO_MODEL_NAME = "medzero-tiny"   # models/medzero-tiny.json: random init, offline, for --demo and tests
 DEFAULT_MODEL_NAME = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+
+
+def ae_title(title: str) -> str:
+    """A DICOM AE title (PS3.8 9.3.1): 1-16 characters of printable ASCII other than backslash, not only spaces."""
+    stripped = title.strip()
+    if not stripped or len(title) > 16 or any(not " " <= c <= "~" or c == "\\" for c in title):
+        raise ValueError(f"{title!r} is not an AE title (1-16 printable ASCII characters, no backslash)")
+    return stripped
 
 
 class Settings(BaseSettings):
@@ -69,7 +78,8 @@ class Settings(BaseSettings):
     # DICOM ingestion (STOW-RS, and C-STORE when dicom_port is set): routing rules and the durable inbox's worker
     dicom_routes_file: Path | None = None      # YAML rules imported at start when changed; else /routes' table
     ingest_lease_seconds: float = Field(300.0, gt=0)   # an instance a dead worker held comes back after this
-    ingest_max_attempts: int = Field(3, ge=1)          # classifications refused with 503 are retried this often
+    ingest_max_attempts: int = Field(8, ge=1)          # tries of an instance refused with 503 (busy) or crashing
+    ingest_retry_seconds: float = Field(1.0, gt=0)     # the first retry's delay; doubled per attempt, at most 5 min
     ingest_workers: int = Field(4, ge=1)               # queued instances classified at once (decodes overlap)
     dicom_port: int | None = Field(None, ge=0, le=65535)   # the C-STORE / C-ECHO SCP; None: no DIMSE listener
     dicom_host: str | None = None              # the SCP's bind address; default: `host`
@@ -78,7 +88,7 @@ class Settings(BaseSettings):
     dicom_network_timeout_seconds: float = Field(30.0, gt=0)   # ACSE / DIMSE / network timeouts, SCP and SCU
 
     # where results go: an AI Results SR by C-STORE (AET@host:port) and/or STOW-RS, and a JSON webhook
-    sr_destination: str | None = Field(None, pattern=r"^[^@\\]{1,16}@[^:@]+:\d{1,5}$")
+    sr_destination: str | None = None          # AET@host:port ([v6 address]:port works too)
     sr_stow_url: str | None = None             # a DICOMweb base URL; the SR is POSTed to <url>/studies/<study>
     result_webhook_url: str | None = None      # each result's JSON is POSTed here
     institution_name: str | None = None        # written into the SR's equipment module
@@ -110,6 +120,40 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [name.strip() for name in value.split(",") if name.strip()]
         return value
+
+    @field_validator("dicom_ae_title")
+    @classmethod
+    def _ae_title(cls, title: str) -> str:
+        return ae_title(title)
+
+    @field_validator("dicom_allowed_ae_titles")
+    @classmethod
+    def _ae_titles(cls, titles: list[str]) -> list[str]:
+        return [ae_title(title) for title in titles]
+
+    @field_validator("sr_destination")
+    @classmethod
+    def _ae_address(cls, address: str | None) -> str | None:
+        if address is None:
+            return None
+        title, at, location = address.partition("@")
+        host, colon, port = location.rpartition(":")
+        if not (at and colon and host.strip("[]") and port.isdigit() and 1 <= int(port) <= 65535):
+            raise ValueError(f"{address!r} is not AET@host:port (port 1-65535)")
+        return f"{ae_title(title)}@{host}:{int(port)}"
+
+    @field_validator("sr_stow_url", "result_webhook_url")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        if url is not None:
+            parts = urlsplit(url)
+            try:
+                parts.port                     # noqa: B018 -- raises on a port that is not a number in range
+            except ValueError as exc:
+                raise ValueError(f"{url!r}: {exc}") from None
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"{url!r} is not an http(s) URL with a host")
+        return url
 
     @property
     def resolved_dicom_host(self) -> str:

@@ -11,6 +11,9 @@ listener accepts:
 - transfer syntaxes: uncompressed (implicit / explicit little endian, big endian, deflated) and the compressed ones
   pydicom can decode here: JPEG baseline / extended / lossless, JPEG-LS, JPEG 2000, HTJ2K, RLE.
 
+pynetdicom holds a whole data set in memory before the handler sees it (a store over MEDZERO_MAX_UPLOAD_BYTES is
+then refused); at most MAX_ASSOCIATIONS associations are served at once, which bounds that memory.
+
 A store that cannot be used is answered with a failure status and a reason (ErrorComment), never a dropped
 association; the handler catches everything, so the listener keeps serving (pynetdicom's own pattern: the
 handler's return value is the status, see pynetdicom/service_class.py).
@@ -55,6 +58,7 @@ COMPRESSED = (JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1
 # C-STORE statuses (PS3.4 Annex B.2.3) and the ErrorComment's VR limit
 SUCCESS, OUT_OF_RESOURCES, DOES_NOT_MATCH_SOP_CLASS, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xA900, 0xC000
 ERROR_COMMENT_CHARS = 64
+MAX_ASSOCIATIONS = 8
 
 
 class StoreSCP:
@@ -65,6 +69,7 @@ class StoreSCP:
         self._server: ThreadedAssociationServer | None = None
         self.ae = AE(ae_title=ae_title)
         self.ae.require_calling_aet = list(allowed_ae_titles)
+        self.ae.maximum_associations = MAX_ASSOCIATIONS
         self.ae.network_timeout = self.ae.acse_timeout = self.ae.dimse_timeout = timeout_seconds
         transfer_syntaxes = [uid for uid in UNCOMPRESSED + COMPRESSED if decodable(uid)]   # what pydicom reads here
         for sop_class in SUPPORTED_SOP_CLASSES:

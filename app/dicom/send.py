@@ -6,11 +6,12 @@ the response's FailedSOPSequence); the delivery service decides whether to retry
 import io
 import uuid
 from dataclasses import dataclass
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import httpx
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from app.errors import DeliveryFailed
@@ -33,10 +34,20 @@ class AEAddress:
         host, _, port = location.rpartition(":")
         if not (ae_title and host and port.isdigit()):
             raise ValueError(f"{address!r} is not AET@host:port")
-        return cls(ae_title, host, int(port))
+        return cls(ae_title, host.strip("[]"), int(port))
 
     def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
+        return f"{self.ae_title}@{f'[{self.host}]' if ':' in self.host else self.host}:{self.port}"
+
+
+def redacted(destination: str) -> str:
+    """A destination fit for logs and /results: a URL without credentials, query or fragment (webhook tokens)."""
+    if "://" not in destination:
+        return destination                  # AET@host:port
+    parts = urlsplit(destination)
+    host = parts.hostname or ""
+    netloc = f"{'[' + host + ']' if ':' in host else host}{f':{parts.port}' if parts.port else ''}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def part10_bytes(dataset: Dataset) -> bytes:
@@ -46,13 +57,11 @@ def part10_bytes(dataset: Dataset) -> bytes:
 
 
 def send_cstore(dataset: Dataset, destination: AEAddress, *, calling_ae_title: str, timeout_seconds: float) -> None:
-    """One association, one C-STORE, released; blocking (run it in a thread)."""
+    """One association, one C-STORE, released; blocking (run it in a thread). Explicit and implicit VR little
+    endian are proposed (every SCP takes implicit); pynetdicom encodes the SR in whichever is accepted."""
     ae = AE(ae_title=calling_ae_title)
     ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = ae.connection_timeout = timeout_seconds
-    file_meta = getattr(dataset, "file_meta", None)
-    transfer_syntax = file_meta.TransferSyntaxUID if file_meta and "TransferSyntaxUID" in file_meta \
-        else ExplicitVRLittleEndian
-    ae.add_requested_context(dataset.SOPClassUID, transfer_syntax)
+    ae.add_requested_context(dataset.SOPClassUID, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     association = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
     if not association.is_established:
         reason = "rejected" if association.is_rejected else "aborted" if association.is_aborted else "not established"
@@ -63,9 +72,8 @@ def send_cstore(dataset: Dataset, destination: AEAddress, *, calling_ae_title: s
         association.release()
     if not status or "Status" not in status:
         raise DeliveryFailed(f"{destination} did not answer the C-STORE (timeout or aborted association)")
-    if status.Status not in STORED_STATUSES:
-        comment = f": {status.ErrorComment}" if "ErrorComment" in status else ""
-        raise DeliveryFailed(f"{destination} answered C-STORE status 0x{status.Status:04X}{comment}")
+    if status.Status not in STORED_STATUSES:   # the peer's ErrorComment is free text (it may name the patient)
+        raise DeliveryFailed(f"{destination} answered C-STORE status 0x{status.Status:04X}")
 
 
 async def send_stow(client: httpx.AsyncClient, base_url: str, dataset: Dataset) -> None:
@@ -73,16 +81,16 @@ async def send_stow(client: httpx.AsyncClient, base_url: str, dataset: Dataset) 
     boundary = uuid.uuid4().hex
     body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + part10_bytes(dataset)
             + f"\r\n--{boundary}--\r\n".encode())
-    url = f"{base_url.rstrip('/')}/studies/{dataset.StudyInstanceUID}"
+    url = f"{base_url.rstrip('/')}/studies/{quote(str(dataset.StudyInstanceUID), safe='')}"
     headers = {"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
                "Accept": "application/dicom+json"}
     try:
         response = await client.post(url, content=body, headers=headers)
     except httpx.HTTPError as exc:
-        raise DeliveryFailed(f"STOW-RS to {url} failed: {type(exc).__name__}: {exc}") from exc
+        raise DeliveryFailed(f"STOW-RS to {redacted(url)} failed: {type(exc).__name__}") from exc
     failed = _failed_instances(response)
     if response.status_code >= 300 or failed:
-        raise DeliveryFailed(f"STOW-RS to {url} answered {response.status_code}"
+        raise DeliveryFailed(f"STOW-RS to {redacted(url)} answered {response.status_code}"
                              + (f" with {failed} failed instance(s)" if failed else ""))
 
 

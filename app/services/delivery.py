@@ -16,9 +16,10 @@ import httpx
 from pydicom.dataset import Dataset
 
 from app import metrics
-from app.dicom.send import AEAddress, read_source, send_cstore, send_stow
+from app.dicom.send import AEAddress, read_source, redacted, send_cstore, send_stow
 from app.dicom.sr import AIResult, ReportedClass, build_result_sr, result_sr_uids
-from app.errors import DeliveryFailed, MedzeroError, ResultNotFound
+from app.errors import DeliveryFailed, InvalidInput, ResultNotFound, UnsupportedDicom
+from app.services.ingest import patiently
 from app.settings import Settings
 from app.storage.db import utcnow
 from app.storage.deliveries import DeliveryRecord, DeliveryRepository
@@ -26,7 +27,8 @@ from app.storage.inbox import InboxRepository, ResultRecord
 
 log = logging.getLogger(__name__)
 MAX_BACKOFF_SECONDS = 3600.0
-LEASE_SECONDS = 300.0
+MIN_LEASE_SECONDS = 300.0          # a delivery's lease: at least this, and 4 network timeouts (connect, ACSE,
+                                   # DIMSE and release may each take one), so a slow send keeps it
 
 
 def delivery_targets(settings: Settings) -> list[tuple[str, str]]:
@@ -67,6 +69,7 @@ class DeliveryService:
         self._pretrained_weights = pretrained_weights
         self._software_version = software_version
         self._idle_seconds = idle_seconds
+        self._lease_seconds = max(MIN_LEASE_SECONDS, 4 * settings.dicom_network_timeout_seconds)
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -88,21 +91,22 @@ class DeliveryService:
         """MEDZERO_DELIVERY_WORKERS deliveries at a time, until cancelled; what a previous process was sending is
         due again first."""
         self._loop = asyncio.get_running_loop()
-        released = await asyncio.to_thread(self._deliveries.release_leases)
+        released = await patiently("delivery worker", self._deliveries.release_leases)
         if released:
             log.info("deliveries: %d a previous process was sending are due again", released)
-        await asyncio.to_thread(self._refresh_dead_letters)
+        await patiently("delivery worker", self._refresh_dead_letters)
         timeout = httpx.Timeout(self._settings.dicom_network_timeout_seconds)
         async with httpx.AsyncClient(timeout=timeout) as client:
             await asyncio.gather(*(self._work(client) for _ in range(self._settings.delivery_workers)))
 
     async def _work(self, client: httpx.AsyncClient) -> None:
         while True:
-            if await self.deliver_one(client):
+            self._wake.clear()       # before looking: a result stored while we look wakes the wait below
+            if await patiently("delivery worker", self.deliver_one, client, in_thread=False):
                 continue
-            self._wake.clear()
+            idle_seconds = await patiently("delivery worker", self._idle_for, in_thread=False)
             try:
-                async with asyncio.timeout(await self._idle_for()):
+                async with asyncio.timeout(idle_seconds):
                     await self._wake.wait()
             except TimeoutError:
                 pass
@@ -115,29 +119,37 @@ class DeliveryService:
 
     async def deliver_one(self, client: httpx.AsyncClient) -> bool:
         """Make the oldest due delivery; False when none is due."""
-        delivery = await asyncio.to_thread(self._deliveries.claim, LEASE_SECONDS)
+        delivery = await asyncio.to_thread(self._deliveries.claim, self._lease_seconds,
+                                           self._settings.delivery_max_attempts)
         if delivery is None:
             return False
         try:
             sr_uid = await self._send(client, delivery)
-        except (MedzeroError, OSError, ValueError, KeyError) as exc:   # what a peer, or a stored row, can cause
-            await asyncio.to_thread(self._failed, delivery, exc)
+        except DeliveryFailed as exc:                      # the peer said no, or could not be reached
+            await asyncio.to_thread(self._failed, delivery, str(exc), permanent=False)
             return True
-        await asyncio.to_thread(self._deliveries.sent, delivery, sr_uid)
-        metrics.DELIVERIES.labels(target=delivery.target, outcome="sent").inc()
-        log.info("result %d: %s to %s sent", delivery.result_id, delivery.target, delivery.destination)
+        except (InvalidInput, UnsupportedDicom) as exc:    # this result cannot be reported: no retry will help
+            await asyncio.to_thread(self._failed, delivery, f"{exc.code}: {exc}", permanent=True)
+            return True
+        except Exception as exc:    # anything else (an odd URL, a library's surprise): retried, then a dead letter
+            log.exception("result %d: %s delivery failed unexpectedly", delivery.result_id, delivery.target)
+            await asyncio.to_thread(self._failed, delivery, f"internal: {type(exc).__name__}", permanent=False)
+            return True
+        if await asyncio.to_thread(self._deliveries.sent, delivery, sr_uid):
+            metrics.DELIVERIES.labels(target=delivery.target, outcome="sent").inc()
+            log.info("result %d: %s to %s sent", delivery.result_id, delivery.target, redacted(delivery.destination))
         return True
 
-    def _failed(self, delivery: DeliveryRecord, exc: Exception) -> None:
-        error = str(exc) if isinstance(exc, DeliveryFailed) else f"{type(exc).__name__}: {exc}"
-        last = delivery.attempts >= self._settings.delivery_max_attempts
+    def _failed(self, delivery: DeliveryRecord, error: str, *, permanent: bool) -> None:
+        last = permanent or delivery.attempts >= self._settings.delivery_max_attempts
         retry_in = None if last else backoff_seconds(self._settings.delivery_retry_seconds, delivery.attempts)
-        self._deliveries.failed(delivery, error, retry_in_seconds=retry_in)
+        if not self._deliveries.failed(delivery, error, retry_in_seconds=retry_in):
+            return                                         # another worker owns it now; its outcome stands
         metrics.DELIVERIES.labels(target=delivery.target, outcome="dead_letter" if last else "retry").inc()
         if last:
             self._refresh_dead_letters()
         log.warning("result %d: %s to %s failed (attempt %d): %s%s", delivery.result_id, delivery.target,
-                    delivery.destination, delivery.attempts, error,
+                    redacted(delivery.destination), delivery.attempts, error,
                     "; now a dead letter" if last else f"; again in {retry_in:.0f} s")
 
     def _refresh_dead_letters(self) -> None:
@@ -177,6 +189,6 @@ class DeliveryService:
         try:
             response = await client.post(url, json={"event": "result", "result": record.document()})
         except httpx.HTTPError as exc:
-            raise DeliveryFailed(f"webhook {url} failed: {type(exc).__name__}: {exc}") from exc
+            raise DeliveryFailed(f"webhook {redacted(url)} failed: {type(exc).__name__}") from exc
         if response.status_code >= 300:
-            raise DeliveryFailed(f"webhook {url} answered {response.status_code}")
+            raise DeliveryFailed(f"webhook {redacted(url)} answered {response.status_code}")

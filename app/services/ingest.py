@@ -11,6 +11,7 @@ UIDs, never patient data.
 import asyncio
 import io
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -45,6 +46,9 @@ SUPPORTED_SOP_CLASSES: tuple[UID, ...] = (
     sop.OphthalmicPhotography16BitImageStorage,
     sop.VLPhotographicImageStorage,
 )
+ERROR_PAUSE_SECONDS = 1.0           # after an unexpected error, before the worker tries again
+MAX_RETRY_SECONDS = 300.0
+ROUTES_CHECK_SECONDS = 1.0          # how often the workers look for a routing table another process stored           # the longest back-off between classification attempts
 REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
 
 
@@ -57,8 +61,8 @@ class Receipt:
 class IngestService:
     def __init__(self, inbox: InboxRepository, routing: RoutingService, classifier: Classifier, *,
                  deliveries: Sequence[tuple[str, str]] = (), on_result: Callable[[], None] = lambda: None,
-                 lease_seconds: float = 300.0, max_attempts: int = 3, workers: int = 4,
-                 idle_seconds: float = 0.5) -> None:
+                 lease_seconds: float = 300.0, max_attempts: int = 8, retry_seconds: float = 1.0,
+                 workers: int = 4, idle_seconds: float = 0.5) -> None:
         self._inbox = inbox
         self._routing = routing
         self._classifier = classifier
@@ -66,10 +70,12 @@ class IngestService:
         self._on_result = on_result
         self._lease_seconds = lease_seconds
         self._max_attempts = max_attempts
+        self._retry_seconds = retry_seconds
         self._workers = workers
         self._idle_seconds = idle_seconds
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._routes_checked = time.monotonic()
 
     def receive(self, data: bytes, source: str, study: str | None = None) -> Receipt:
         """Check, route and queue one Part 10 instance (durable on return); UnsupportedDicom (or WrongStudy when
@@ -90,12 +96,35 @@ class IngestService:
 
     def _receive(self, data: bytes, source: str, study: str | None) -> Receipt:
         try:
+            dataset = self._checked(data, study)
+            route = self._routing.table.route(dataset)
+        except MedzeroError:
+            raise
+        except Exception as exc:   # whatever a malformed data set makes pydicom raise (zlib, struct, a bad VR)
+            raise UnsupportedDicom(f"not a readable DICOM instance ({type(exc).__name__})") from exc
+        skipped = isinstance(route, Skip)
+        entry, new = self._inbox.put(Received(
+            sop_instance_uid=str(dataset.SOPInstanceUID), study_instance_uid=str(dataset.StudyInstanceUID),
+            series_instance_uid=str(dataset.SeriesInstanceUID), sop_class_uid=str(dataset.SOPClassUID),
+            source=source, dicom=data, label_set=None if skipped else route.label_set,
+            method=None if skipped else route.method, skip_reason=route.reason if skipped else None))
+        log.info("received %s from %s: %s", entry.sop_instance_uid, source,
+                 f"skipped ({entry.reason})" if entry.state == "skipped" else entry.state)
+        return Receipt(entry, new)
+
+    @staticmethod
+    def _checked(data: bytes, study: str | None) -> pydicom.Dataset:
+        """The parsed instance, or UnsupportedDicom saying why it cannot be used."""
+        try:
             dataset = pydicom.dcmread(io.BytesIO(data))
         except (InvalidDicomError, EOFError, ValueError, TypeError, OSError, KeyError) as exc:
             raise UnsupportedDicom(f"not a readable DICOM Part 10 instance ({type(exc).__name__})") from exc
         missing = [keyword for keyword in REQUIRED_UIDS if not str(dataset.get(keyword, "") or "")]
         if missing:
             raise UnsupportedDicom(f"the instance has no {', '.join(missing)}")
+        invalid = [keyword for keyword in REQUIRED_UIDS if not UID(str(dataset.get(keyword))).is_valid]
+        if invalid:   # UIDs become URL paths (STOW-RS of the SR) and 64-character columns
+            raise UnsupportedDicom(f"the instance's {', '.join(invalid)} is not a valid UID")
         uids = (str(dataset.SOPClassUID), str(dataset.SOPInstanceUID))
         if uids[0] not in SUPPORTED_SOP_CLASSES:
             raise _with_uids(UnsupportedSOPClass(f"SOP class {UID(uids[0]).name or uids[0]} is not one medzero "
@@ -114,42 +143,40 @@ class IngestService:
             if expected is None or len(dataset.PixelData) < expected:
                 size = f"{len(dataset.PixelData)} of {expected} bytes" if expected else "incomplete image module"
                 raise _with_uids(UnsupportedDicom(f"truncated pixel data: {size} (instance {uids[1]})"), uids)
-        route = self._routing.table.route(dataset)
-        skipped = isinstance(route, Skip)
-        entry, new = self._inbox.put(Received(
-            sop_instance_uid=str(dataset.SOPInstanceUID), study_instance_uid=str(dataset.StudyInstanceUID),
-            series_instance_uid=str(dataset.SeriesInstanceUID), sop_class_uid=str(dataset.SOPClassUID),
-            source=source, dicom=data, label_set=None if skipped else route.label_set,
-            method=None if skipped else route.method, skip_reason=route.reason if skipped else None))
-        log.info("received %s from %s: %s", entry.sop_instance_uid, source,
-                 f"skipped ({entry.reason})" if entry.state == "skipped" else entry.state)
-        return Receipt(entry, new)
+        return dataset
 
     async def run(self) -> None:
         """The workers: classify queued instances until cancelled, `workers` at a time (their decodes overlap and
         their forwards share micro-batches); leases a previous process held are released first, so what it
         acknowledged and did not finish is classified now."""
         self._loop = asyncio.get_running_loop()
-        released = self._inbox.release_leases()
+        released = await patiently("inbox worker", self._inbox.release_leases)
         if released:
             log.info("inbox: %d instances a previous process was classifying are queued again", released)
         await asyncio.gather(*(self._work() for _ in range(self._workers)))
 
     async def _work(self) -> None:
         while True:
-            metrics.INGEST_QUEUE.set(await asyncio.to_thread(self._inbox.waiting))
-            if not await self.process_one():
-                await asyncio.to_thread(self._routing.refresh)   # a table another replica stored
-                self._wake.clear()
+            self._wake.clear()       # before looking: an instance received while we look wakes the wait below
+            if not await patiently("inbox worker", self._step, in_thread=False):
                 try:
                     async with asyncio.timeout(self._idle_seconds):
                         await self._wake.wait()
                 except TimeoutError:
                     pass
 
+    async def _step(self) -> bool:
+        """One instance classified (True), or none waiting (False); the queue-depth gauge and, once a second,
+        a routing table another replica stored, along the way."""
+        metrics.INGEST_QUEUE.set(await asyncio.to_thread(self._inbox.waiting))
+        if time.monotonic() - self._routes_checked > ROUTES_CHECK_SECONDS:
+            self._routes_checked = time.monotonic()
+            await asyncio.to_thread(self._routing.refresh)
+        return await self.process_one()
+
     async def process_one(self) -> bool:
         """Classify the oldest queued instance; False when the queue is empty."""
-        claimed = await asyncio.to_thread(self._inbox.claim, self._lease_seconds)
+        claimed = await asyncio.to_thread(self._inbox.claim, self._lease_seconds, self._max_attempts)
         if claimed is None:
             return False
         entry, data = claimed
@@ -160,12 +187,12 @@ class IngestService:
         try:
             outcome = await self._classifier.classify(UploadedFile(entry.sop_instance_uid, read),
                                                       label_set=entry.label_set, method=entry.method, top_k=None)
-        except MedzeroError as exc:
-            retry = exc.status_code == 503 and entry.attempts < self._max_attempts   # busy: later; bad: never
-            await asyncio.to_thread(self._inbox.fail, entry, f"{exc.code}: {exc}", retry=retry)
-            metrics.DICOM_CLASSIFIED.labels(outcome="retry" if retry else "failed").inc()
-            log.warning("classifying %s failed (%s)%s", entry.sop_instance_uid, exc.code,
-                        "; queued again" if retry else "")
+        except MedzeroError as exc:   # busy (503): later, with back-off; an unusable instance: never
+            await self._failed(entry, f"{exc.code}: {exc}", transient=exc.status_code == 503)
+            return True
+        except Exception as exc:      # unforeseen (a bug, out of memory): tried again, then failed for good
+            log.exception("classifying %s failed unexpectedly", entry.sop_instance_uid)
+            await self._failed(entry, f"internal: {type(exc).__name__}", transient=True)
             return True
         result = await asyncio.to_thread(self._inbox.complete, entry, label_set_version=outcome.label_set_version,
                                          model_id=outcome.model_id, classification=classification_record(outcome),
@@ -175,6 +202,27 @@ class IngestService:
             if self._deliveries:
                 self._on_result()
         return True
+
+    async def _failed(self, entry: InboxEntry, reason: str, *, transient: bool) -> None:
+        retry = transient and entry.attempts < self._max_attempts
+        retry_in = min(self._retry_seconds * 2 ** (entry.attempts - 1), MAX_RETRY_SECONDS) if retry else None
+        await asyncio.to_thread(self._inbox.fail, entry, reason, retry_in_seconds=retry_in)
+        metrics.DICOM_CLASSIFIED.labels(outcome="retry" if retry else "failed").inc()
+        log.warning("classifying %s failed (%s)%s", entry.sop_instance_uid, reason.split(":", 1)[0],
+                    f"; again in {retry_in:.1f} s" if retry else "")
+
+
+async def patiently(worker: str, step: Callable, *args, in_thread: bool = True):
+    """`step(*args)` (in a thread, or awaited), tried again after a pause whatever it raises: a worker must outlive
+    a database that is busy past its timeout, or gone for a while, and its own bugs."""
+    while True:
+        try:
+            return await (asyncio.to_thread(step, *args) if in_thread else step(*args))
+        except MedzeroError as exc:
+            log.warning("%s: %s; going on in %.1f s", worker, exc, ERROR_PAUSE_SECONDS)
+        except Exception:
+            log.exception("%s: unexpected error; going on in %.1f s", worker, ERROR_PAUSE_SECONDS)
+        await asyncio.sleep(ERROR_PAUSE_SECONDS)
 
 
 def decodable(transfer_syntax: UID) -> bool:

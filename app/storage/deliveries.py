@@ -34,33 +34,38 @@ class DeliveryRepository:
     def __init__(self, engine: Engine) -> None:
         self._readers, self._writers = session_factories(engine)
 
-    def claim(self, lease_seconds: float) -> DeliveryRecord | None:
-        """Lease the oldest due delivery (pending and due, or sending under a lease that ran out)."""
+    def claim(self, lease_seconds: float, max_attempts: int) -> DeliveryRecord | None:
+        """Lease the oldest due delivery (pending and due, or sending under a lease that ran out). One whose lease
+        ran out after its last attempt (the worker died on it each time) becomes a dead letter instead."""
         now = utcnow()
         with write_transaction(self._writers) as session:
-            row = session.scalar(
-                select(DeliveryRow).where(or_(DeliveryRow.state == PENDING, DeliveryRow.state == SENDING),
-                                          DeliveryRow.due_at <= now)
-                .order_by(DeliveryRow.due_at, DeliveryRow.id).limit(1).with_for_update(skip_locked=True))
-            if row is None:
-                return None
-            row.state, row.attempts = SENDING, row.attempts + 1
-            row.due_at = now + timedelta(seconds=lease_seconds)
-            return delivery_record(row)
+            while True:
+                row = session.scalar(
+                    select(DeliveryRow).where(or_(DeliveryRow.state == PENDING, DeliveryRow.state == SENDING),
+                                              DeliveryRow.due_at <= now)
+                    .order_by(DeliveryRow.due_at, DeliveryRow.id).limit(1).with_for_update(skip_locked=True))
+                if row is None:
+                    return None
+                if row.state == SENDING and row.attempts >= max_attempts:
+                    row.state = DEAD_LETTER
+                    row.last_error = row.last_error or f"gave up after {row.attempts} attempts that did not finish"
+                    continue
+                row.state, row.attempts = SENDING, row.attempts + 1
+                row.due_at = now + timedelta(seconds=lease_seconds)
+                return delivery_record(row)
 
-    def sent(self, delivery: DeliveryRecord, sr_sop_instance_uid: str | None = None) -> None:
+    def sent(self, delivery: DeliveryRecord, sr_sop_instance_uid: str | None = None) -> bool:
+        """False when the lease was no longer the caller's (another worker took the delivery over)."""
         with write_transaction(self._writers) as session:
-            session.execute(update(DeliveryRow).where(DeliveryRow.id == delivery.id)
-                            .values(state=SENT, sent_at=utcnow(), last_error=None,
-                                    sr_sop_instance_uid=sr_sop_instance_uid))
+            return session.execute(_leased(delivery).values(state=SENT, sent_at=utcnow(), last_error=None,
+                                                            sr_sop_instance_uid=sr_sop_instance_uid)).rowcount == 1
 
-    def failed(self, delivery: DeliveryRecord, error: str, *, retry_in_seconds: float | None) -> None:
-        """Due again after `retry_in_seconds`, or (None) a dead letter."""
+    def failed(self, delivery: DeliveryRecord, error: str, *, retry_in_seconds: float | None) -> bool:
+        """Due again after `retry_in_seconds`, or (None) a dead letter; False when the lease was lost."""
         values = ({"state": DEAD_LETTER} if retry_in_seconds is None else
                   {"state": PENDING, "due_at": utcnow() + timedelta(seconds=retry_in_seconds)})
         with write_transaction(self._writers) as session:
-            session.execute(update(DeliveryRow).where(DeliveryRow.id == delivery.id)
-                            .values(last_error=error[:1000], **values))
+            return session.execute(_leased(delivery).values(last_error=error[:1000], **values)).rowcount == 1
 
     def retry_dead_letters(self, result_id: int | None = None) -> int:
         """Dead letters (of one result, or all) pending again now, attempts counted afresh."""
@@ -88,6 +93,12 @@ class DeliveryRepository:
                                           .where(DeliveryRow.state == DEAD_LETTER)
                                           .group_by(DeliveryRow.target)).all())
         return {target: counts.get(target, 0) for target in TARGETS}
+
+
+def _leased(delivery: DeliveryRecord):
+    """An update of the delivery only while the caller's lease (that attempt) is still the current one."""
+    return update(DeliveryRow).where(DeliveryRow.id == delivery.id, DeliveryRow.state == SENDING,
+                                     DeliveryRow.attempts == delivery.attempts)
 
 
 def delivery_record(row: DeliveryRow) -> DeliveryRecord:

@@ -87,7 +87,8 @@ class InboxRepository:
 
     def put(self, received: Received) -> tuple[InboxEntry, bool]:
         """Queue (or record as skipped) a received instance; (entry, False) when that SOP Instance UID is already
-        here -- a re-send is acknowledged again, never classified twice."""
+        here -- a re-send is acknowledged again, never classified twice. A re-send of an instance that failed for
+        good is queued again (with the bytes just received): the sender is trying once more, and so do we."""
         now = utcnow()
         row = InboxRow(sop_instance_uid=received.sop_instance_uid, study_instance_uid=received.study_instance_uid,
                        series_instance_uid=received.series_instance_uid, sop_class_uid=received.sop_class_uid,
@@ -98,27 +99,47 @@ class InboxRepository:
             with write_transaction(self._writers) as session:
                 session.add(row)
         except IntegrityError:
-            return self.entry_for(received.sop_instance_uid), False
+            return self._requeue_failed(received), False
         return _entry(row), True
+
+    def _requeue_failed(self, received: Received) -> InboxEntry:
+        with write_transaction(self._writers) as session:
+            row = session.scalar(select(InboxRow).where(InboxRow.sop_instance_uid == received.sop_instance_uid)
+                                 .with_for_update())
+            if row.state == FAILED:
+                row.state, row.attempts, row.reason, row.lease_until = QUEUED, 0, None, None
+                row.dicom, row.source, row.updated_at = received.dicom, received.source, utcnow()
+                row.label_set, row.method = received.label_set, received.method
+                if received.skip_reason:
+                    row.state, row.reason = SKIPPED, received.skip_reason
+            return _entry(row)
 
     def entry_for(self, sop_instance_uid: str) -> InboxEntry | None:
         with self._readers() as session:
             row = session.scalar(select(InboxRow).where(InboxRow.sop_instance_uid == sop_instance_uid))
             return _entry(row) if row else None
 
-    def claim(self, lease_seconds: float) -> tuple[InboxEntry, bytes] | None:
-        """Lease the oldest waiting instance (queued, or processing under a lease that ran out) to the caller."""
+    def claim(self, lease_seconds: float, max_attempts: int) -> tuple[InboxEntry, bytes] | None:
+        """Lease the oldest waiting instance (queued and due, or processing under a lease that ran out) to the
+        caller. One already tried `max_attempts` times (its worker died on it each time: a crash, an OOM kill) fails
+        for good instead of being tried forever."""
         now = utcnow()
         with write_transaction(self._writers) as session:
-            row = session.scalar(
-                select(InboxRow).where(or_(InboxRow.state == QUEUED,
-                                           (InboxRow.state == PROCESSING) & (InboxRow.lease_until < now)))
-                .order_by(InboxRow.id).limit(1).with_for_update(skip_locked=True))
-            if row is None:
-                return None
-            row.state, row.attempts = PROCESSING, row.attempts + 1
-            row.lease_until, row.updated_at = now + timedelta(seconds=lease_seconds), now
-            return _entry(row), row.dicom
+            while True:
+                row = session.scalar(
+                    select(InboxRow).where(or_((InboxRow.state == QUEUED)
+                                               & (InboxRow.lease_until.is_(None) | (InboxRow.lease_until <= now)),
+                                               (InboxRow.state == PROCESSING) & (InboxRow.lease_until < now)))
+                    .order_by(InboxRow.id).limit(1).with_for_update(skip_locked=True))
+                if row is None:
+                    return None
+                if row.state == PROCESSING and row.attempts >= max_attempts:
+                    row.state, row.lease_until, row.updated_at = FAILED, None, now
+                    row.reason = f"gave up after {row.attempts} attempts that did not finish (the worker stopped)"
+                    continue
+                row.state, row.attempts = PROCESSING, row.attempts + 1
+                row.lease_until, row.updated_at = now + timedelta(seconds=lease_seconds), now
+                return _entry(row), row.dicom
 
     def complete(self, entry: InboxEntry, *, label_set_version: int, model_id: str, classification: dict,
                  deliveries: Sequence[tuple[str, str]] = ()) -> ResultRecord | None:
@@ -143,16 +164,21 @@ class InboxRepository:
             return None
         return _result(result, [delivery_record(row) for row in rows])
 
-    def fail(self, entry: InboxEntry, reason: str, *, retry: bool) -> None:
-        """A classification that did not work: back in the queue (retry) or failed for good, with the reason."""
+    def fail(self, entry: InboxEntry, reason: str, *, retry_in_seconds: float | None) -> bool:
+        """A classification that did not work: queued again after `retry_in_seconds`, or (None) failed for good,
+        with the reason. Only while the caller's lease is still its own (same attempt): False when another worker
+        took the instance over meanwhile, whose outcome then stands."""
+        values = ({"state": FAILED, "lease_until": None} if retry_in_seconds is None else
+                  {"state": QUEUED, "lease_until": utcnow() + timedelta(seconds=retry_in_seconds)})
         with write_transaction(self._writers) as session:
-            session.execute(update(InboxRow).where(InboxRow.id == entry.id, InboxRow.state == PROCESSING)
-                            .values(state=QUEUED if retry else FAILED, reason=reason[:1000], lease_until=None,
-                                    updated_at=utcnow()))
+            return session.execute(update(InboxRow).where(InboxRow.id == entry.id, InboxRow.state == PROCESSING,
+                                                          InboxRow.attempts == entry.attempts)
+                                   .values(reason=reason[:1000], updated_at=utcnow(), **values)).rowcount == 1
 
     def release_leases(self) -> int:
         """At start-up: whatever a previous process was classifying goes back in the queue now (not after its
-        lease)."""
+        lease). With one process per database (several replicas sharing one queue need per-process lease owners,
+        which this table does not have yet) every lease found here is a dead process's."""
         with write_transaction(self._writers) as session:
             return session.execute(update(InboxRow).where(InboxRow.state == PROCESSING)
                                    .values(state=QUEUED, lease_until=None, updated_at=utcnow())).rowcount

@@ -154,3 +154,22 @@ def test_bad_dicom_is_refused_with_its_reason(client: TestClient) -> None:
     for said in ("truncated pixel data", "MPEG2", "CT Image Storage", "no pixel data"):
         assert said in warning
     assert client.get("/dicom/instances", params={"study": study}).json()["count"] == 0
+
+
+def test_malformed_instances_never_make_a_500(client: TestClient) -> None:
+    study = generate_uid()
+    bad_uid = make_dicom_dataset()
+    bad_uid.StudyInstanceUID = "1.2/../../admin?x="
+    buffer = io.BytesIO()
+    bad_uid.save_as(buffer, enforce_file_format=True)
+    deflated_dataset = pydicom.dcmread(io.BytesIO(in_study(study)))
+    deflated_dataset.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    deflated = io.BytesIO()
+    deflated_dataset.save_as(deflated, enforce_file_format=True)
+    truncated_deflate = deflated.getvalue()[: len(deflated.getvalue()) // 2]     # zlib fails mid-stream
+    body, headers = multipart([buffer.getvalue(), truncated_deflate])
+    stored = client.post("/dicomweb/studies", content=body, headers=headers)
+    assert stored.status_code == 409, stored.text
+    assert "not a valid UID" in stored.headers["warning"]
+    assert client.get("/results/99999999999999999999").status_code == 422
+    assert client.get("/results/0").status_code == 422

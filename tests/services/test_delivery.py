@@ -172,3 +172,26 @@ def test_no_patient_data_in_logs_or_metrics_along_the_whole_path(tmp_path: Path,
                    + client.get("/dicom/instances").text)
         assert "received" in said                              # the log was captured at all
         assert not [secret for secret in secrets if secret in exposed]
+
+
+def test_an_implicit_only_pacs_gets_the_sr_and_urls_show_no_secrets(tmp_path: Path, routes: Path) -> None:
+    implicit = AE(ae_title="OLDPACS")
+    implicit.add_supported_context(Comprehensive3DSRStorage, ImplicitVRLittleEndian)
+    got: list[pydicom.Dataset] = []
+    port = free_port()
+    server = implicit.start_server(("127.0.0.1", port), block=False,
+                                   evt_handlers=[(evt.EVT_C_STORE, lambda event: got.append(event.dataset) or 0)])
+    webhook = WebhookReceiver()
+    settings = tiny_settings(tmp_path / "data", dicom_routes_file=routes, sr_destination=f"OLDPACS@127.0.0.1:{port}",
+                             result_webhook_url=f"{webhook.url}?token=s3cr3t")
+    try:
+        with running_app(settings) as client:
+            study = pydicom.uid.generate_uid()
+            stow_one(client, study)
+            deliveries = deliveries_of(client, study, until="sent")
+            assert len(got) == 1 and got[0].StudyInstanceUID == study
+            assert "s3cr3t" not in client.get("/results").text
+            assert {d["destination"] for d in deliveries} == {f"OLDPACS@127.0.0.1:{port}", webhook.url}
+    finally:
+        server.shutdown()
+        webhook.shutdown()

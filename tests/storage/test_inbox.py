@@ -37,11 +37,11 @@ def test_a_resent_instance_is_recognised_not_queued_twice(inbox: InboxRepository
 def test_leases_order_and_exactly_one_result(inbox: InboxRepository) -> None:
     for n in (1, 2):
         inbox.put(received(n))
-    entry, data = inbox.claim(lease_seconds=60)
+    entry, data = inbox.claim(lease_seconds=60, max_attempts=3)
     assert entry.sop_instance_uid == "1.2.3.1" and data == b"DICM\x01" and entry.attempts == 1
-    second, _ = inbox.claim(lease_seconds=60)
+    second, _ = inbox.claim(lease_seconds=60, max_attempts=3)
     assert second.sop_instance_uid == "1.2.3.2"
-    assert inbox.claim(lease_seconds=60) is None                 # both leased
+    assert inbox.claim(lease_seconds=60, max_attempts=3) is None                 # both leased
     result = inbox.complete(entry, label_set_version=1, model_id="m", classification={"decision": "normal"})
     assert result is not None and inbox.entry_for("1.2.3.1").state == DONE
     assert inbox.complete(entry, label_set_version=1, model_id="m", classification={"decision": "other"}) is None
@@ -51,21 +51,61 @@ def test_leases_order_and_exactly_one_result(inbox: InboxRepository) -> None:
 
 def test_an_expired_lease_goes_back_to_the_queue(inbox: InboxRepository) -> None:
     inbox.put(received(1))
-    inbox.claim(lease_seconds=0.05)
+    inbox.claim(lease_seconds=0.05, max_attempts=3)
     time.sleep(0.1)
-    reclaimed, _ = inbox.claim(lease_seconds=60)
+    reclaimed, _ = inbox.claim(lease_seconds=60, max_attempts=3)
     assert reclaimed.sop_instance_uid == "1.2.3.1" and reclaimed.attempts == 2
 
 
 def test_failures_retry_or_end_with_their_reason(inbox: InboxRepository) -> None:
     inbox.put(received(1))
-    entry, _ = inbox.claim(lease_seconds=60)
-    inbox.fail(entry, "encoder_timeout: busy", retry=True)
-    entry, _ = inbox.claim(lease_seconds=60)
-    inbox.fail(entry, "invalid_image: no pixel data", retry=False)
+    entry, _ = inbox.claim(lease_seconds=60, max_attempts=3)
+    assert inbox.fail(entry, "encoder_timeout: busy", retry_in_seconds=0)
+    entry, _ = inbox.claim(lease_seconds=60, max_attempts=3)
+    assert inbox.fail(entry, "invalid_image: no pixel data", retry_in_seconds=None)
     final = inbox.entry_for("1.2.3.1")
     assert final.state == FAILED and final.reason == "invalid_image: no pixel data" and final.attempts == 2
-    assert inbox.claim(lease_seconds=60) is None
+    assert inbox.claim(lease_seconds=60, max_attempts=3) is None
+
+
+def test_a_retry_waits_for_its_back_off(inbox: InboxRepository) -> None:
+    inbox.put(received(1))
+    entry, _ = inbox.claim(lease_seconds=60, max_attempts=3)
+    inbox.fail(entry, "overloaded: busy", retry_in_seconds=0.3)
+    assert inbox.claim(lease_seconds=60, max_attempts=3) is None          # not yet: the same busy server
+    assert inbox.waiting() == 1
+    time.sleep(0.35)
+    assert inbox.claim(lease_seconds=60, max_attempts=3)[0].attempts == 2
+
+
+def test_an_instance_whose_worker_keeps_dying_fails_for_good(inbox: InboxRepository) -> None:
+    inbox.put(received(1))
+    for _ in range(2):
+        inbox.claim(lease_seconds=0.05, max_attempts=2)            # and the worker dies: the lease runs out
+        time.sleep(0.1)
+    assert inbox.claim(lease_seconds=60, max_attempts=2) is None
+    gave_up = inbox.entry_for("1.2.3.1")
+    assert gave_up.state == FAILED and "gave up after 2 attempts" in gave_up.reason
+
+
+def test_a_worker_that_lost_its_lease_cannot_overwrite_the_new_owner(inbox: InboxRepository) -> None:
+    inbox.put(received(1))
+    stale, _ = inbox.claim(lease_seconds=0.05, max_attempts=3)
+    time.sleep(0.1)
+    owner, _ = inbox.claim(lease_seconds=60, max_attempts=3)
+    assert not inbox.fail(stale, "encoder_timeout: late", retry_in_seconds=None)
+    assert inbox.entry_for("1.2.3.1").state == "processing"
+    inbox.complete(owner, label_set_version=1, model_id="m", classification={"decision": "normal"})
+    assert inbox.entry_for("1.2.3.1").state == DONE
+
+
+def test_a_resent_failed_instance_is_queued_again(inbox: InboxRepository) -> None:
+    inbox.put(received(1))
+    entry, _ = inbox.claim(lease_seconds=60, max_attempts=3)
+    inbox.fail(entry, "overloaded: busy", retry_in_seconds=None)
+    again, created = inbox.put(received(1, dicom=b"DICM fresh"))
+    assert not created and again.state == QUEUED and again.attempts == 0 and again.reason is None
+    assert inbox.claim(lease_seconds=60, max_attempts=3)[1] == b"DICM fresh"
 
 
 KILLED_WORKER = textwrap.dedent("""
@@ -73,7 +113,7 @@ KILLED_WORKER = textwrap.dedent("""
     from app.storage.db import create_db_engine
     from app.storage.inbox import InboxRepository
     inbox = InboxRepository(create_db_engine(sys.argv[1]))
-    inbox.claim(lease_seconds=3600)
+    inbox.claim(lease_seconds=3600, max_attempts=3)
     os.kill(os.getpid(), signal.SIGKILL)      # killed mid-classification, its lease still an hour long
 """)
 
@@ -86,9 +126,9 @@ def test_a_killed_workers_instance_is_classified_once_after_restart(tmp_path: Pa
                             cwd=Path(__file__).resolve().parents[2])
     assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
     restarted = InboxRepository(create_db_engine(url))
-    assert restarted.claim(lease_seconds=60) is None              # still leased to the dead process...
+    assert restarted.claim(lease_seconds=60, max_attempts=3) is None              # still leased to the dead process...
     assert restarted.release_leases() == 1                        # ...until start-up releases it
-    entry, _ = restarted.claim(lease_seconds=60)
+    entry, _ = restarted.claim(lease_seconds=60, max_attempts=3)
     assert entry.attempts == 2
     restarted.complete(entry, label_set_version=1, model_id="m", classification={"decision": "normal"})
     assert len(restarted.results()) == 1 and restarted.waiting() == 0

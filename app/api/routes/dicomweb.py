@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import RuntimeDep
 from app.api.schemas import ErrorBody
-from app.errors import InvalidInput, MedzeroError, UnsupportedMediaType
+from app.errors import InvalidInput, MedzeroError, PayloadTooLarge, UnsupportedMediaType
 from app.services.ingest import Receipt
 
 router = APIRouter(tags=["dicom"])
@@ -33,11 +33,14 @@ async def store_study_instances(study: str, request: Request, runtime: RuntimeDe
 
 
 async def _store(request: Request, runtime: RuntimeDep, study: str | None) -> JSONResponse:
-    parts = dicom_parts(request.headers.get("content-type", ""), await request.body())
-    ingest = runtime.ingest
+    ingest, limit = runtime.ingest, runtime.settings.max_upload_bytes
+    # parsing a large body takes seconds: off the event loop, which serves every other request meanwhile
+    parts = await run_in_threadpool(dicom_parts, request.headers.get("content-type", ""), await request.body())
     stored, failed = [], []
     for data in parts:
         try:
+            if len(data) > limit:          # the SCP's limit too: one instance, not the whole request
+                raise PayloadTooLarge(f"an instance of {len(data)} bytes is over MEDZERO_MAX_UPLOAD_BYTES={limit}")
             receipt: Receipt = await run_in_threadpool(ingest.receive, data, "stow-rs", study)
             stored.append(receipt)
         except MedzeroError as exc:

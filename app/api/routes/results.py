@@ -2,7 +2,7 @@
 themselves (skipped and failed ones with their reason), and a retry of a result's dead-letter deliveries."""
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Path, Query
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import AdminDep, RuntimeDep
@@ -15,6 +15,7 @@ from app.api.schemas import (
     ResultsPublic,
     RetryPublic,
 )
+from app.dicom.send import redacted
 from app.errors import ResultNotFound
 from app.storage.deliveries import DeliveryRecord
 from app.storage.inbox import STATES, InboxEntry, ResultRecord
@@ -22,6 +23,7 @@ from app.storage.inbox import STATES, InboxEntry, ResultRecord
 router = APIRouter(tags=["dicom"])
 ERRORS = {code: {"model": ErrorBody} for code in (401, 404, 503)}
 Limit = Annotated[int, Query(ge=1, le=1000)]
+ResultId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 
 
 @router.get("/results", responses=ERRORS)
@@ -32,7 +34,7 @@ async def list_results(runtime: RuntimeDep, study: str | None = None, limit: Lim
 
 
 @router.get("/results/{result_id}", responses=ERRORS)
-async def get_result(result_id: int, runtime: RuntimeDep) -> ResultPublic:
+async def get_result(result_id: ResultId, runtime: RuntimeDep) -> ResultPublic:
     record = await run_in_threadpool(runtime.inbox.result, result_id)
     if record is None:
         raise ResultNotFound(f"no result {result_id}")
@@ -40,7 +42,7 @@ async def get_result(result_id: int, runtime: RuntimeDep) -> ResultPublic:
 
 
 @router.post("/results/{result_id}/retry", dependencies=[AdminDep], responses=ERRORS)
-async def retry_result(result_id: int, runtime: RuntimeDep) -> RetryPublic:
+async def retry_result(result_id: ResultId, runtime: RuntimeDep) -> RetryPublic:
     """Send a result's dead-letter deliveries again (after fixing the destination, say)."""
     return RetryPublic(retried=await run_in_threadpool(runtime.deliveries.retry, result_id))
 
@@ -60,7 +62,7 @@ def to_public(record: ResultRecord) -> ResultPublic:
 
 def delivery_public(delivery: DeliveryRecord) -> DeliveryPublic:
     due = delivery.due_at if delivery.state == "pending" else None
-    return DeliveryPublic(target=delivery.target, destination=delivery.destination, state=delivery.state,
+    return DeliveryPublic(target=delivery.target, destination=redacted(delivery.destination), state=delivery.state,
                           attempts=delivery.attempts, last_error=delivery.last_error, next_attempt_at=due,
                           sent_at=delivery.sent_at, sr_sop_instance_uid=delivery.sr_sop_instance_uid)
 
