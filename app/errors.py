@@ -14,6 +14,7 @@ MedzeroError
  │    ├── LabelSetExists
  │    ├── RoutesChanged            PUT /routes naming a version that is no longer the current one
  │    ├── AdapterNotFound          method=meduna with no adapter for the label set (says how to train one)
+ │    ├── SupportSetNotFound       method=fewshot with no support set for the label set (says what to upload)
  │    └── AdapterMismatch          a bundle for another model, label-set version, class order or corpus
  ├── PayloadTooLarge (413)
  │    └── ImageTooLarge            decoded pixel count over the limit (decompression bombs)
@@ -94,6 +95,10 @@ class Conflict(MedzeroError):
 
 class AdapterNotFound(Conflict):
     code = "adapter_not_found"
+
+
+class SupportSetNotFound(Conflict):
+    code = "support_set_not_found"
 
 
 class AdapterMismatch(Conflict):

@@ -17,13 +17,24 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import metrics
-from app.api.routes import adapters, calibration, classify, dicomweb, health, kpl, labels, results, routing
+from app.api.routes import (
+    adapters,
+    calibration,
+    classify,
+    dicomweb,
+    health,
+    kpl,
+    labels,
+    results,
+    routing,
+    support,
+)
 from app.errors import MedzeroError, Overloaded, PayloadTooLarge
 from app.runtime import Runtime
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
-KPL_FIT_PATH = re.compile(r"^/labels/[^/]+/kpl/?$")
+KPL_FIT_PATH = re.compile(r"^/labels/[^/]+/(kpl|support)/?$")      # pool and support-set uploads
 STOW_PATH = re.compile(r"^/dicomweb/studies(/[^/]+)?/?$")
 SMALL_BODY_BYTES = 1 << 20            # JSON bodies (/labels); uploads have their own limits
 MULTIPART_OVERHEAD_BYTES = 64 << 10   # boundaries, part headers and form fields around one file
@@ -49,6 +60,7 @@ def create_app(settings: Settings, *, on_startup_failure: Callable[[MedzeroError
     app.include_router(kpl.router)
     app.include_router(calibration.router)
     app.include_router(adapters.router)
+    app.include_router(support.router)
     app.include_router(dicomweb.router)
     app.include_router(results.router)
     app.include_router(routing.router)

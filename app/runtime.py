@@ -24,6 +24,7 @@ from app.encoders.visual_prompts import vision_width
 from app.errors import MedzeroError, NotReady
 from app.knowledge.knowledge_base import KnowledgeBase
 from app.methods.base import Method
+from app.methods.fewshot import FewShot, FewShotConfig
 from app.methods.kpl import KPL, KPLConfig
 from app.methods.meduna import MedUnA
 from app.methods.zero_shot import ZeroShot
@@ -31,12 +32,13 @@ from app.services.adapters import AdapterService
 from app.services.admission import Admission
 from app.services.builtin_label_sets import BUILTIN_LABEL_SETS
 from app.services.calibration import CalibrationService
-from app.services.classify import Classifier, ImageLimits, MetricLabelSets
+from app.services.classify import Classifier, ImageLimits, MetricLabelSets, state_key
 from app.services.delivery import DeliveryService, delivery_targets
 from app.services.ingest import IngestService
 from app.services.kpl_fits import KPLFitService
 from app.services.label_sets import LabelSetService
 from app.services.routing import RoutingService
+from app.services.support_sets import SupportSetService
 from app.settings import Settings
 from app.storage.db import create_db_engine
 from app.storage.deliveries import DeliveryRepository
@@ -83,6 +85,7 @@ class Core:
     kpl_fits: KPLFitService
     calibrations: CalibrationService
     adapters: AdapterService
+    support_sets: SupportSetService
     routing: RoutingService
     ingest: IngestService
     deliveries: DeliveryService
@@ -149,6 +152,10 @@ class Runtime:
     @property
     def adapters(self) -> AdapterService:
         return self._ready_core().adapters
+
+    @property
+    def support_sets(self) -> SupportSetService:
+        return self._ready_core().support_sets
 
     @property
     def routing(self) -> RoutingService:
@@ -273,7 +280,9 @@ class Runtime:
             log.info("description index: %d descriptions for %s (%s)", knowledge.manifest.get("count", 0),
                      encoder.model_id, f"re-embedded {', '.join(changed)}" if changed else "loaded as saved")
         kpl, meduna = KPL(knowledge, kpl_config(settings)), MedUnA()
-        methods: dict[str, Method] = {m.name: m for m in (ZeroShot(), kpl, meduna)}
+        fewshot = FewShot(FewShotConfig(alpha=settings.fewshot_alpha, beta=settings.fewshot_beta), kpl=kpl,
+                          kpl_state=lambda head: self.states.current(state_key(kpl, head), kpl.load_state))
+        methods: dict[str, Method] = {m.name: m for m in (ZeroShot(), kpl, meduna, fewshot)}
         classifier = Classifier(preprocess=encoder.preprocess, logit_scale=encoder.logit_scale, batcher=batcher,
                                 label_sets=label_sets, states=self.states, methods=methods, admission=self.admission,
                                 decode_workers=settings.decode_workers,
@@ -301,8 +310,9 @@ class Runtime:
                                on_result=deliveries.wake, lease_seconds=settings.ingest_lease_seconds,
                                max_attempts=settings.ingest_max_attempts, retry_seconds=settings.ingest_retry_seconds,
                                workers=settings.ingest_workers)
+        support_sets = SupportSetService(classifier, fewshot, self.states, max_images=settings.max_support_images)
         return Core(encoder, batcher, label_sets, knowledge, classifier, kpl_fits,
-                    CalibrationService(classifier, self.states), adapters, routing, ingest, deliveries)
+                    CalibrationService(classifier, self.states), adapters, support_sets, routing, ingest, deliveries)
 
     def _fail(self, reason: str) -> None:
         self._state, self._failure = "failed", reason

@@ -96,6 +96,11 @@ class Settings(BaseSettings):
     delivery_retry_seconds: float = Field(5.0, gt=0)    # the first retry's delay; doubled per attempt, at most 1 h
     delivery_workers: int = Field(4, ge=1)              # deliveries under way at once (associations, HTTP posts)
 
+    # method=fewshot: the cache model over a label set's support images (Tip-Adapter's defaults)
+    fewshot_alpha: float = Field(1.0, ge=0, allow_inf_nan=False)   # weight of the cache logits
+    fewshot_beta: float = Field(5.5, gt=0, allow_inf_nan=False)    # sharpness of the support affinity
+    max_support_images: int = Field(4096, ge=1)        # support images one label set may hold
+
     # trained adapters (`medzero train meduna` bundles): every one under this folder is loaded at start-up
     adapters_dir: Path | None = None           # default: <data_dir>/adapters
 

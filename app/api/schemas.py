@@ -1,7 +1,7 @@
 """HTTP shapes, named as in the FastAPI template: <Thing>Create for input, <Thing>Public for output; and the
 parsing of request fields that are not JSON bodies (classify parameters, class priors)."""
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import Form, Query
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
@@ -26,6 +26,9 @@ def parse_class_prior(text: str) -> dict[str, float]:
 
 
 Probability = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+CacheAlpha = Annotated[float, Field(ge=0, le=1000, allow_inf_nan=False)]
+CacheBeta = Annotated[float, Field(gt=0, le=1000, allow_inf_nan=False)]
+CacheBase = Literal["zeroshot", "kpl"]
 
 
 class ClassifyParams:
@@ -37,7 +40,8 @@ class ClassifyParams:
                  method_form: Annotated[str | None, Form(alias="method")] = None,
                  top_k_form: Annotated[int | None, Form(alias="top_k", ge=1)] = None,
                  label_set: Annotated[str | None, Query(description="Name of a registered label set.")] = None,
-                 method: Annotated[str | None, Query(description="zeroshot (default) or kpl.")] = None,
+                 method: Annotated[str | None, Query(
+                     description="zeroshot (default), kpl, meduna or fewshot (GET /readyz lists them).")] = None,
                  top_k: Annotated[int | None, Query(ge=1, description="How many predictions; default all.")] = None,
                  transductive_form: Annotated[bool | None, Form(alias="transductive")] = None,
                  transductive: Annotated[bool | None, Query(
@@ -46,6 +50,16 @@ class ClassifyParams:
                  abstain_threshold: Annotated[Probability | None, Query(
                      description="Decide 'uncertain' below this top probability; overrides the label set's "
                                  "abstain_threshold for this request.")] = None,
+                 cache_alpha_form: Annotated[CacheAlpha | None, Form(alias="cache_alpha")] = None,
+                 cache_alpha: Annotated[CacheAlpha | None, Query(
+                     description="method=fewshot: weight of the support cache (MEDZERO_FEWSHOT_ALPHA).")] = None,
+                 cache_beta_form: Annotated[CacheBeta | None, Form(alias="cache_beta")] = None,
+                 cache_beta: Annotated[CacheBeta | None, Query(
+                     description="method=fewshot: sharpness of the support affinity (MEDZERO_FEWSHOT_BETA).")] = None,
+                 cache_base_form: Annotated[CacheBase | None, Form(alias="cache_base")] = None,
+                 cache_base: Annotated[CacheBase | None, Query(
+                     description="method=fewshot: the logits the cache is added to, zeroshot (default) or kpl."
+                 )] = None,
                  ) -> None:
         self.label_set = label_set_form or label_set
         if not self.label_set:
@@ -54,6 +68,10 @@ class ClassifyParams:
         self.top_k = top_k_form or top_k
         self.transductive = bool(transductive_form if transductive_form is not None else transductive)
         self.abstain_threshold = abstain_threshold_form if abstain_threshold_form is not None else abstain_threshold
+        self.method_options = {
+            "alpha": cache_alpha_form if cache_alpha_form is not None else cache_alpha,
+            "beta": cache_beta_form if cache_beta_form is not None else cache_beta,
+            "base": cache_base_form or cache_base}
 
 
 class LabelSetCreate(LabelSetSpec):
@@ -228,6 +246,21 @@ class AdapterPublic(BaseModel):
 class AdaptersPublic(BaseModel):
     data: list[AdapterPublic]
     count: int
+
+
+class SupportPublic(BaseModel):
+    label_set: str
+    label_set_version: int
+    model: str
+    support_version: int | None = Field(description="None: no support set yet (method=fewshot answers 409).")
+    counts: dict[str, int] = Field(description="Support images per class.")
+    images: int
+    created_at: datetime | None
+
+
+class SupportUploadPublic(SupportPublic):
+    added: int = Field(description="Images of this upload now in the support set.")
+    skipped: list[BatchItem] = Field(default_factory=list, description="Files that could not be used.")
 
 
 class DeliveryPublic(BaseModel):

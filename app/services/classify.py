@@ -144,11 +144,20 @@ class Classifier:
     def transductive_method_names(self) -> list[str]:
         return sorted(name for name, method in self._methods.items() if method.supports_transductive)
 
-    def method(self, name: str) -> Method:
+    def method(self, name: str, options: Mapping[str, object] | None = None) -> Method:
+        """The method called `name`, configured with a request's `options` (only methods that take any)."""
         try:
-            return self._methods[name]
+            chosen = self._methods[name]
         except KeyError:
             raise UnknownMethod(f"unknown method {name!r}; available: {', '.join(self.method_names)}") from None
+        given = {key: value for key, value in (options or {}).items() if value is not None}
+        if not given:
+            return chosen
+        configured = getattr(chosen, "configured", None)
+        if configured is None:
+            raise InvalidInput(f"method {name!r} takes no options; {', '.join(sorted(given))} are for "
+                               f"method=fewshot")
+        return configured(**given)
 
     async def head(self, label_set: str) -> ClassHead:
         return await run_in_threadpool(self._label_sets.head, label_set)
@@ -190,10 +199,11 @@ class Classifier:
         return dataclasses.replace(self._calibrated(scores, calibration), state=state)
 
     async def classify(self, file: UploadedFile, *, label_set: str, method: str, top_k: int | None,
-                       abstain_threshold: float | None = None) -> Classification:
+                       abstain_threshold: float | None = None,
+                       options: Mapping[str, object] | None = None) -> Classification:
         """Classify one image. Admission, label set and method come before the image is read.
-        `abstain_threshold` overrides the label set's."""
-        chosen = self.method(method)
+        `abstain_threshold` overrides the label set's; `options` configure the method (fewshot's cache)."""
+        chosen = self.method(method, options)
         with self._admission.try_acquire(1):
             head = await self.head(label_set)
             state = await self.state(chosen, head)
@@ -207,12 +217,12 @@ class Classifier:
         return self._classification(head, chosen, assessment, 0, outcome, top_k, abstain_threshold)
 
     async def classify_batch(self, files: Sequence[UploadedFile], *, label_set: str, method: str, top_k: int | None,
-                             transductive: bool = False,
-                             abstain_threshold: float | None = None) -> list[Classification | MedzeroError]:
+                             transductive: bool = False, abstain_threshold: float | None = None,
+                             options: Mapping[str, object] | None = None) -> list[Classification | MedzeroError]:
         """Classify several images; a bad file yields its error in its place, the others still succeed.
         `transductive`: the method adapts to the batch's images before predicting them (kpl) -- all of them or
         none: a batch with an unusable file is refused whole, never fitted on whatever got through."""
-        chosen = self.method(method)
+        chosen = self.method(method, options)
         if transductive and not chosen.supports_transductive:
             raise InvalidInput(f"method {method!r} is not transductive; use one of: "
                                f"{', '.join(self.transductive_method_names)}")

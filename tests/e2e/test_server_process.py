@@ -102,7 +102,7 @@ def stream_until_answered(port: int, *, chunk_bytes: int, max_chunks: int) -> tu
 
 def test_sigterm_drains_the_requests_in_flight(tmp_path: Path) -> None:
     """SIGTERM while KPL fits are running: each of them still gets its answer, then the process exits cleanly."""
-    with serving(tmp_path, MEDZERO_KPL_PROXY_ITERS="60000") as (server, base, _):
+    with serving(tmp_path, MEDZERO_KPL_PROXY_ITERS="20000") as (server, base, _):
         files = [("files", (f"{i}.png", png_bytes(width=40 + 3 * i, height=48))) for i in range(8)]
 
         def fit(_: int) -> httpx.Response:

@@ -36,7 +36,7 @@ async def classify_image(file: Annotated[UploadFile, File(description="PNG, JPEG
         raise InvalidInput("transductive needs several images: use /classify/batch")
     outcome = await classifier.classify(uploaded(file, file.filename, runtime.settings.max_upload_bytes),
                                         label_set=params.label_set, method=params.method, top_k=params.top_k,
-                                        abstain_threshold=params.abstain_threshold)
+                                        abstain_threshold=params.abstain_threshold, options=params.method_options)
     return to_result(outcome)
 
 
@@ -53,7 +53,7 @@ async def classify_batch(files: Annotated[list[UploadFile], File(description="Se
     outcomes = await classifier.classify_batch(
         [uploaded(upload, upload.filename, settings.max_upload_bytes) for upload in files],
         label_set=params.label_set, method=params.method, top_k=params.top_k, transductive=params.transductive,
-        abstain_threshold=params.abstain_threshold)
+        abstain_threshold=params.abstain_threshold, options=params.method_options)
     items = []
     for upload, outcome in zip(files, outcomes):
         if isinstance(outcome, MedzeroError):
