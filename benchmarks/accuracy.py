@@ -113,12 +113,18 @@ def cpu_flags() -> str:
     return "CPU flags: " + ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in CPU_FLAGS)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def model_parser(doc: str) -> argparse.ArgumentParser:
+    """A benchmark's argument parser with the model options every benchmark takes (as the server reads them)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model-name", default=DEMO_MODEL_NAME, help="open_clip model id (MEDZERO_MODEL_NAME)")
     parser.add_argument("--pretrained", help="pretrained tag or checkpoint path (MEDZERO_PRETRAINED)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = model_parser(__doc__)
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT, help="<dataset>/<class>/*.png")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "accuracy.md")
     parser.add_argument("--results-dir", type=Path, default=Path(tempfile.gettempdir()) / "medzero-accuracy",

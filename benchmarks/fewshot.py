@@ -18,7 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accuracy import DATASET_LABEL_SETS, DEFAULT_DATA_ROOT, cpu_flags  # benchmarks/accuracy.py, beside this script
+from accuracy import (  # benchmarks/accuracy.py, beside this script
+    DATASET_LABEL_SETS,
+    DEFAULT_DATA_ROOT,
+    cpu_flags,
+    model_parser,
+)
 from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
 from app.evaluation.dataset import load_labelled
@@ -26,7 +31,7 @@ from app.methods.fewshot import FewShot, FewShotConfig, SupportSet
 from app.methods.zero_shot import ZeroShot
 from app.runtime import Runtime
 from app.services.uploads import on_disk
-from app.settings import DEMO_MODEL_NAME, Settings
+from app.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -117,11 +122,7 @@ def render(rows: list[Row], model_id: str, pretrained: bool, skipped: list[str],
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model-name", default=DEMO_MODEL_NAME, help="open_clip model id (MEDZERO_MODEL_NAME)")
-    parser.add_argument("--pretrained", help="pretrained tag or checkpoint path (MEDZERO_PRETRAINED)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser = model_parser(__doc__)
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT, help="<dataset>/<class>/*.png")
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--seeds", type=int, default=3)

@@ -31,13 +31,11 @@ from pathlib import Path
 
 import httpx
 import pydicom
-from accuracy import cpu_flags  # benchmarks/accuracy.py, beside this script
+from accuracy import cpu_flags, model_parser  # benchmarks/accuracy.py, beside this script
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Comprehensive3DSRStorage
 from throughput import free_port, server_env, tail, wait_ready  # benchmarks/throughput.py
-
-from app.settings import DEMO_MODEL_NAME
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DICOM_DIR = REPO_ROOT.parent / "shared" / "data" / "dicom"
@@ -184,11 +182,7 @@ def measure(path: str, send, base: str, receiver: SRReceiver, copies: list[tuple
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model-name", default=DEMO_MODEL_NAME, help="open_clip model id (MEDZERO_MODEL_NAME)")
-    parser.add_argument("--pretrained", help="pretrained tag or checkpoint path (MEDZERO_PRETRAINED)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser = model_parser(__doc__)
     parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
     parser.add_argument("--batch-size", type=int, default=32, help="MEDZERO_MAX_BATCH_SIZE")
     parser.add_argument("--instances", type=int, default=60, help="instances per path")
