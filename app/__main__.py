@@ -7,6 +7,7 @@
     medzero eval --label-set NAME --data DIR|CSV [--url URL] measure every method on labelled images
     medzero calibrate --label-set NAME --data DIR --method M temperature + conformal prediction sets
     medzero train meduna --label-set NAME --images DIR --out DIR   MedUnA adapter + prompt tokens, offline
+    medzero train hica --label-set NAME --shots DIR --out DIR      HiCA few-shot adaptation, offline
 """
 import argparse
 import json
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 from app.errors import InvalidInput, MedzeroError
+from app.methods.hica_config import AlignConfig, PreAdaptConfig, TuningConfig
 from app.methods.meduna_config import ImageStageConfig, TextStageConfig
 from app.settings import Settings
 
@@ -27,7 +29,11 @@ COMMAND_ARGUMENTS = {"command", "kb_command", "kpl_command", "label_set", "n_per
                      *(f"text_{name}" for name in ("steps", "lr", "weight_decay", "noise_std")),
                      "prompt_tokens", "epochs", "batch_size", "lr", "momentum", "weight_decay", "ce_weight",
                      "entropy_weight", "selection", "smoothing", "lr_decay", "lr_milestones", "text_betas",
-                     "text_eps", "crop_scale", "color_jitter", "color_jitter_p", "grayscale_p", "blur_sigma"}
+                     "text_eps", "crop_scale", "color_jitter", "color_jitter_p", "grayscale_p", "blur_sigma",
+                     "shots", "shots_per_class", "tuning", "tuned_blocks", "lora_rank", "lora_alpha", "text_lr",
+                     "clusters_per_class", "clusters", "pre_epochs", "cluster_temperature", "text_temperature",
+                     "global_weight", "local_weight", "cross_weight", "global_temperature", "local_temperature",
+                     "margin", "grid"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,7 +158,53 @@ def build_parser() -> argparse.ArgumentParser:
                         help="strong view: Gaussian blur sigma range (always applied)")
     meduna.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_model_arguments(meduna)
+    add_hica_parser(train_commands)
     return parser
+
+
+def add_hica_parser(train_commands) -> None:
+    hica = train_commands.add_parser(
+        "hica", help="HiCA: few-shot hierarchical contrastive adaptation of the image tower and a text projection; "
+                     "writes adapter.safetensors + manifest.json (method=hica)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hica.add_argument("--label-set", required=True)
+    hica.add_argument("--shots", required=True, type=Path,
+                      help="labelled images: a folder with one sub-folder per class, or a CSV with path,label")
+    hica.add_argument("--shots-per-class", type=int,
+                      help="draw this many shots per class (with --seed) and report on the rest; default: all")
+    hica.add_argument("--images", type=Path, help="unlabelled site images for stage 1 (default: the shots)")
+    hica.add_argument("--out", required=True, type=Path, help="output folder (checkpoints go in out/checkpoints)")
+    hica.add_argument("--seed", type=int, default=0)
+    hica.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    hica.add_argument("--force", action="store_true", help="replace an adapter already in --out")
+    tuning, pre, align = TuningConfig(), PreAdaptConfig(), AlignConfig()
+    hica.add_argument("--tuning", choices=["lora", "blocks"], default=tuning.mode,
+                      help="LoRA on the attention weights of the last blocks, or every weight of those blocks")
+    hica.add_argument("--tuned-blocks", type=int, default=tuning.blocks, help="how many of the last blocks")
+    hica.add_argument("--lora-rank", type=int, default=tuning.lora_rank)
+    hica.add_argument("--lora-alpha", type=float, default=tuning.lora_alpha, help="update = alpha / rank * B A")
+    hica.add_argument("--lr", type=float, default=tuning.lr, help="AdamW rate of the tower parameters")
+    hica.add_argument("--text-lr", type=float, default=tuning.text_lr, help="AdamW rate of the text projection")
+    hica.add_argument("--weight-decay", type=float, default=tuning.weight_decay)
+    hica.add_argument("--clusters-per-class", type=int, default=pre.clusters_per_class,
+                      help="stage 1: k-means k = classes x this")
+    hica.add_argument("--clusters", type=int, help="stage 1: k-means k (overrides --clusters-per-class)")
+    hica.add_argument("--pre-epochs", type=int, default=pre.epochs, help="stage 1: passes over the images")
+    hica.add_argument("--cluster-temperature", type=float, default=pre.cluster_temperature)
+    hica.add_argument("--text-steps", type=int, default=pre.text_steps, help="stage 1: text projection steps")
+    hica.add_argument("--text-temperature", type=float, default=pre.text_temperature)
+    hica.add_argument("--epochs", type=int, default=align.epochs, help="stage 2 epochs over the shots")
+    hica.add_argument("--batch-size", type=int, default=align.batch_size)
+    hica.add_argument("--global-weight", type=float, default=align.global_weight)
+    hica.add_argument("--local-weight", type=float, default=align.local_weight)
+    hica.add_argument("--cross-weight", type=float, default=align.cross_weight)
+    hica.add_argument("--global-temperature", type=float,
+                      help="default: the model's own 1 / logit scale (HiCA starts as zero-shot)")
+    hica.add_argument("--local-temperature", type=float, default=align.local_temperature)
+    hica.add_argument("--margin", type=float, default=align.margin, help="hard-negative cosine margin")
+    hica.add_argument("--grid", type=int, default=align.grid, help="local regions: a grid x grid tiling")
+    hica.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_model_arguments(hica)
 
 
 def comma_ints(text: str) -> list[int]:
@@ -224,6 +276,11 @@ def main(argv: list[str] | None = None) -> int:
             print(render_meduna(train_meduna.main(settings, args.label_set, args.images, args.out,
                                                   config=meduna_config(args), resume=args.resume, force=args.force,
                                                   progress=progress)))
+        elif args.command == "train" and args.train_command == "hica":
+            from app.jobs import train_hica
+            print(render_hica(train_hica.main(settings, args.label_set, args.shots, args.out, images_dir=args.images,
+                                              shots_per_class=args.shots_per_class, config=hica_config(args),
+                                              resume=args.resume, force=args.force, progress=progress)))
         elif args.command == "calibrate":
             from app.evaluation.dataset import parse_mapping
             from app.jobs import calibrate
@@ -292,6 +349,48 @@ def render_meduna(report) -> str:
     if labelled:
         lines.append(f"labelled accuracy on {labelled['images']} images: zeroshot {labelled['zeroshot']:.1%}, "
                      f"stage 1 {labelled['stage1']:.1%}, stage 2 {labelled['stage2']:.1%}")
+    if report.skipped:
+        lines.append(f"skipped {len(report.skipped)} files: " + ", ".join(f for f, _ in report.skipped[:5]))
+    return "\n".join(lines)
+
+
+def hica_config(args: argparse.Namespace):
+    from app.jobs.train_hica import HiCAConfig
+    for option in ("tuned_blocks", "lora_rank", "epochs", "pre_epochs", "batch_size", "grid", "clusters_per_class"):
+        if getattr(args, option) < 1:
+            raise InvalidInput(f"--{option.replace('_', '-')} must be at least 1; got {getattr(args, option)}")
+    tuning = TuningConfig(mode=args.tuning, blocks=args.tuned_blocks, lora_rank=args.lora_rank,
+                          lora_alpha=args.lora_alpha, lr=args.lr, text_lr=args.text_lr,
+                          weight_decay=args.weight_decay)
+    pre = PreAdaptConfig(clusters_per_class=args.clusters_per_class, clusters=args.clusters, epochs=args.pre_epochs,
+                         batch_size=args.batch_size, cluster_temperature=args.cluster_temperature,
+                         text_steps=args.text_steps, text_temperature=args.text_temperature)
+    align = AlignConfig(epochs=args.epochs, batch_size=args.batch_size, global_weight=args.global_weight,
+                        local_weight=args.local_weight, cross_weight=args.cross_weight,
+                        global_temperature=args.global_temperature, local_temperature=args.local_temperature,
+                        margin=args.margin, grid=args.grid)
+    return HiCAConfig(tuning=tuning, pre=pre, align=align, seed=args.seed)
+
+
+def render_hica(report) -> str:
+    manifest = report.manifest
+    stage1, stage2 = manifest["metrics"]["stage1"], manifest["metrics"]["stage2"]
+    text, clusters = stage1["text"], stage1["clusters"]
+    lines = [f"HiCA adapter for {manifest['label_set']} v{manifest['label_set_version']} under "
+             f"{manifest['model_id']} -> {report.out_dir}",
+             f"shots: " + ", ".join(f"{name} {n}" for name, n in manifest["images"]["shots"].items())
+             + f"; {manifest['images']['unlabelled']} unlabelled images for stage 1",
+             f"stage 1: {clusters['k']} k-means clusters; pseudo-label loss "
+             + " -> ".join(f"{e['loss']:.4f}" for e in stage1["cluster_epochs"])
+             + (f"; text SupCon {text['first_loss']:.4f} -> {text['final_loss']:.4f}" if text["first_loss"] else ""),
+             "stage 2 epoch | loss | global | local | hard negative | separation | seconds",
+             "--:|--:|--:|--:|--:|--:|--:"]
+    lines += [f"{e['epoch']} | {e['loss']:.4f} | {e['global']:.4f} | {e['local']:.4f} | {e['hard_negative']:.4f} "
+              f"| {e['separation']:.4f} | {e['seconds']:.1f}" for e in stage2["epochs"]]
+    for part, accuracy in manifest["metrics"]["accuracy"].items():
+        what = "shots" if part == "shots" else "held-out images"
+        lines.append(f"accuracy on the {accuracy['images']} {what}: zeroshot {accuracy['zeroshot']:.1%}, hica "
+                     f"{accuracy['hica']:.1%}")
     if report.skipped:
         lines.append(f"skipped {len(report.skipped)} files: " + ", ".join(f for f, _ in report.skipped[:5]))
     return "\n".join(lines)

@@ -26,6 +26,7 @@ from app.knowledge.knowledge_base import KnowledgeBase
 from app.methods.base import Method
 from app.methods.fewshot import FewShot, FewShotConfig
 from app.methods.kpl import KPL, KPLConfig
+from app.methods.hica import HiCA
 from app.methods.meduna import MedUnA
 from app.methods.zero_shot import ZeroShot
 from app.services.adapters import AdapterService
@@ -279,10 +280,10 @@ class Runtime:
             changed = knowledge.sync(label_sets.list(), progress=progress, rebuild=index == "rebuild")
             log.info("description index: %d descriptions for %s (%s)", knowledge.manifest.get("count", 0),
                      encoder.model_id, f"re-embedded {', '.join(changed)}" if changed else "loaded as saved")
-        kpl, meduna = KPL(knowledge, kpl_config(settings)), MedUnA()
+        kpl, meduna, hica = KPL(knowledge, kpl_config(settings)), MedUnA(), HiCA(encoder.model.visual)
         fewshot = FewShot(FewShotConfig(alpha=settings.fewshot_alpha, beta=settings.fewshot_beta), kpl=kpl,
                           kpl_state=lambda head: self.states.current(state_key(kpl, head), kpl.load_state))
-        methods: dict[str, Method] = {m.name: m for m in (ZeroShot(), kpl, meduna, fewshot)}
+        methods: dict[str, Method] = {m.name: m for m in (ZeroShot(), kpl, meduna, hica, fewshot)}
         classifier = Classifier(preprocess=encoder.preprocess, logit_scale=encoder.logit_scale, batcher=batcher,
                                 label_sets=label_sets, states=self.states, methods=methods, admission=self.admission,
                                 decode_workers=settings.decode_workers,
@@ -293,7 +294,7 @@ class Runtime:
         kpl_fits = KPLFitService(classifier, kpl, self.states, pool_root=settings.kpl_pool_root,
                                  max_pool_images=settings.kpl_max_pool_images,
                                  max_upload_bytes=settings.max_upload_bytes)
-        adapters = AdapterService(meduna, self.states, head=label_sets.head,
+        adapters = AdapterService([meduna, hica], self.states, head=label_sets.head,
                                   label_set_names=lambda: [ls.name for ls in label_sets.list()],
                                   descriptions_hash=lambda name: knowledge.manifest.get("groups", {}).get(name),
                                   embed_dim=encoder.embed_dim, vision_width=prompt_width(encoder),

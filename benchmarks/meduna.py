@@ -26,7 +26,8 @@ from app.evaluation.scoring import classification_metrics
 from app.imaging.files import image_files
 from app.jobs.evaluate import EvalOptions, evaluate_with
 from app.jobs.train_meduna import MedUnAConfig, MedUnATrainer, build_manifest, description_features, write_bundle
-from app.methods.meduna import ADAPTER_FILE, MANIFEST_FILE, ImageStageConfig, TextStageConfig
+from app.methods.bundle import ADAPTER_FILE, MANIFEST_FILE
+from app.methods.meduna import ImageStageConfig, TextStageConfig
 from app.runtime import Runtime
 from app.settings import DEMO_MODEL_NAME, Settings
 

@@ -41,7 +41,7 @@ class ClassifyParams:
                  top_k_form: Annotated[int | None, Form(alias="top_k", ge=1)] = None,
                  label_set: Annotated[str | None, Query(description="Name of a registered label set.")] = None,
                  method: Annotated[str | None, Query(
-                     description="zeroshot (default), kpl, meduna or fewshot (GET /readyz lists them).")] = None,
+                     description="zeroshot (default), kpl, meduna, hica or fewshot (GET /readyz lists them).")] = None,
                  top_k: Annotated[int | None, Query(ge=1, description="How many predictions; default all.")] = None,
                  transductive_form: Annotated[bool | None, Form(alias="transductive")] = None,
                  transductive: Annotated[bool | None, Query(
@@ -236,7 +236,8 @@ class AdapterPublic(BaseModel):
     label_set_version: int
     model: str
     class_names: list[str]
-    prompt_tokens: int = Field(description="Visual prompt tokens the encoder runs with for this adapter.")
+    prompt_tokens: int | None = Field(None, description="meduna: visual prompt tokens the encoder runs with.")
+    tuned_weights: list[str] | None = Field(None, description="hica: the vision-tower weights it replaces.")
     version: int = Field(description="1, 2, ... per label set: a new bundle replaces the previous one.")
     created_at: datetime
     metrics: dict = Field(description="What the training job measured (manifest.json's metrics).")

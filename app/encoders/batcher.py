@@ -1,13 +1,13 @@
 """Micro-batching: concurrent requests share one encoder forward (infinity's batch_handler, TEI's queue).
 
 Requests put preprocessed image tensors on a queue and await a future; `encode_images(pixels)` runs a plain
-forward, `encode_images(pixels, prompts)` a prompted one. One worker task takes the first waiting
+forward, `encode_images(pixels, variant)` one of the tower changed by a method's state. One worker task takes the first waiting
 image plus whatever else is queued (up to `max_batch_size`) and runs a single forward on the encoder's own thread,
 so the event loop never blocks on torch; while a forward runs, new requests queue up and form the next batch. It
 waits (at most `max_wait_seconds`) for more only when callers announced images that are still being decoded
 (`expecting`), so a lone request never pays the wait and a batch request's images share forwards. Images for a
-prompted encoder (a MedUnA adapter's prompt tokens) share forwards with images for the same prompts only: a
-forward is plain or prompted with one set of tokens, never a mix; the others wait for the next forward, in order.
+changed tower (a MedUnA adapter's prompt tokens, HiCA's tuned weights) share forwards with images for the same
+variant only: a forward is plain or runs one variant, never a mix; the others wait for the next forward, in order.
 
 The queue is not bounded here: only images holding an admission permit (app.services.admission) reach it.
 Everything else that runs the model -- text embeddings for label sets and the description index -- goes through
@@ -29,6 +29,7 @@ from typing import TypeVar
 import torch
 
 from app import metrics
+from app.encoders.tower_variants import TowerVariant
 from app.errors import EncoderTimeout, NotReady
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class Announcement:
 class _Pending:
     pixels: torch.Tensor                     # (3, H, W), preprocessed
     future: asyncio.Future
-    prompts: torch.Tensor | None = None      # prompt tokens to encode with (by identity), None: the plain encoder
+    variant: TowerVariant | None = None      # the tower to encode with (by identity), None: the plain encoder
     enqueued_at: float = field(default_factory=time.perf_counter)
 
 
@@ -56,7 +57,7 @@ class Batcher:
         self._max_wait_seconds = max_wait_seconds
         self._timeout_seconds = timeout_seconds
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
-        self._deferred: deque[_Pending] = deque()   # taken off the queue for another forward's prompts: go first
+        self._deferred: deque[_Pending] = deque()   # taken off the queue for another variant's forward: go first
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medzero-encoder")
         self._encoder_thread: int | None = None
         self._worker: asyncio.Task | None = None
@@ -112,15 +113,15 @@ class Batcher:
         self._arrival.set()
 
     async def encode(self, pixels: torch.Tensor, announcement: "Announcement | None" = None,
-                     prompts: torch.Tensor | None = None) -> torch.Tensor:
+                     variant: TowerVariant | None = None) -> torch.Tensor:
         """One preprocessed image (3, H, W) -> its (dim,) L2-normalised embedding, batched with its neighbours
-        (those for the same `prompts` tensor, or plain ones when None)."""
+        (those for the same `variant`, or plain ones when None)."""
         if not self.running:
             raise NotReady(self.failure or "the encoder is not running")
         if announcement is not None and announcement.pending > 0:
             announcement.pending -= 1
             self._announced -= 1
-        pending = _Pending(pixels, asyncio.get_running_loop().create_future(), prompts)
+        pending = _Pending(pixels, asyncio.get_running_loop().create_future(), variant)
         self._queue.put_nowait(pending)
         self._arrival.set()
         metrics.QUEUE_IMAGES.set(self._queue.qsize())
@@ -158,9 +159,9 @@ class Batcher:
             self._in_flight = batch
             try:
                 pixels = torch.stack([p.pixels for p in batch])
-                prompts = () if batch[0].prompts is None else (batch[0].prompts,)
+                variant = () if batch[0].variant is None else (batch[0].variant,)
                 features = await loop.run_in_executor(self._executor, self._on_encoder_thread, self._encode_images,
-                                                      pixels, *prompts)
+                                                      pixels, *variant)
                 if len(features) != len(batch):
                     raise RuntimeError(f"the encoder returned {len(features)} embeddings for {len(batch)} images")
             except Exception as exc:   # a failed forward fails its requests, never the worker
@@ -176,7 +177,7 @@ class Batcher:
 
     async def _next_batch(self) -> list[_Pending]:
         batch = [self._deferred.popleft() if self._deferred else await self._queue.get()]
-        others: list[_Pending] = []             # for other prompts: the next forwards', in arrival order
+        others: list[_Pending] = []             # for other variants: the next forwards', in arrival order
         deadline = time.perf_counter() + self._max_wait_seconds
         try:
             chosen = await self._fill(batch, others, deadline)
@@ -193,7 +194,7 @@ class Batcher:
             while len(batch) < self._max_batch_size:
                 if waiting or not self._queue.empty():
                     pending = waiting.popleft() if waiting else self._queue.get_nowait()
-                    (batch if pending.prompts is batch[0].prompts else others).append(pending)
+                    (batch if pending.variant is batch[0].variant else others).append(pending)
                     continue
                 remaining = deadline - time.perf_counter()
                 if self._announced <= 0 or remaining <= 0:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from open_clip.factory import parse_model_name
 from PIL import Image
 
-from app.encoders.visual_prompts import prompts_inserted
+from app.encoders.tower_variants import TowerVariant
 from app.errors import ModelLoadError
 from app.settings import DEMO_MODEL_NAME, Settings
 
@@ -53,15 +53,15 @@ class Encoder:
         return int(self.encode_texts(["x"]).shape[-1])
 
     @torch.inference_mode()
-    def encode_images(self, images: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
-        """(n, 3, H, W) preprocessed pixels -> (n, dim) float32 on the CPU, L2-normalised; with `prompts`
-        (n_tokens, width) the vision tower runs with those visual prompt tokens (a MedUnA adapter's)."""
+    def encode_images(self, images: torch.Tensor, variant: TowerVariant | None = None) -> torch.Tensor:
+        """(n, 3, H, W) preprocessed pixels -> (n, dim) float32 on the CPU, L2-normalised; with `variant` the
+        vision tower runs changed as a method's state says (a MedUnA adapter's prompt tokens, HiCA's tuned
+        weights)."""
         pixels = images.to(self.device, self.dtype, non_blocking=True)
-        if prompts is None:
+        if variant is None:
             features = self.model.encode_image(pixels)
         else:
-            with prompts_inserted(self.model.visual, prompts.to(self.device)):
-                features = self.model.encode_image(pixels)
+            features = variant.image_features(self.model.visual, pixels)
         return F.normalize(features.float(), dim=-1).cpu()
 
     @torch.inference_mode()

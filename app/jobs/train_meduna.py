@@ -12,36 +12,40 @@ and renamed; existing results are left byte-identical unless `--force`.
 """
 import asyncio
 import dataclasses
-import hashlib
-import json
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import save_file
 from torchvision import transforms
 from tqdm import tqdm
 
-from app import __version__
 from app.encoders.loader import Encoder
 from app.encoders.visual_prompts import init_prompt_tokens, prompts_inserted, vision_width
-from app.errors import InvalidInput, MedzeroError
+from app.errors import InvalidInput
 from app.evaluation.dataset import load_labelled
-from app.imaging.decode import decode_image
 from app.imaging.files import image_files
+from app.jobs.training import (
+    CHECKPOINTS,
+    decode_training_image,
+    description_features,
+    latest_checkpoint,
+    manifest_identity,
+    refuse_to_overwrite,
+    run_fingerprint,
+    save_checkpoint,
+    start_fresh,
+    usable_images,
+    write_bundle,
+)
 from app.methods.base import ClassHead
 from app.methods.meduna import (
-    ADAPTER_FILE,
     BUNDLE_FORMAT,
-    MANIFEST_FILE,
     ImageStageConfig,
     TextStageConfig,
     adapter_logits,
@@ -53,7 +57,6 @@ from app.runtime import Runtime
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
-CHECKPOINTS = "checkpoints"
 
 
 @dataclass(frozen=True)
@@ -75,10 +78,7 @@ def main(settings: Settings, label_set: str, images_dir: Path, out_dir: Path, *,
          progress: bool = True) -> TrainReport:
     if not images_dir.is_dir():
         raise InvalidInput(f"no such folder: {images_dir}")
-    finished = [name for name in (ADAPTER_FILE, MANIFEST_FILE) if (out_dir / name).exists()]
-    if finished and not force:
-        raise InvalidInput(f"{out_dir} already holds a trained adapter ({', '.join(finished)}); pass --force to "
-                           "replace it (nothing was changed)")
+    refuse_to_overwrite(out_dir, force)
     return asyncio.run(_train(settings, label_set, images_dir, out_dir, config, resume, progress))
 
 
@@ -96,19 +96,8 @@ async def _train(settings: Settings, label_set: str, images_dir: Path, out_dir: 
         result = trainer.train(features, labels, paths, out_dir / CHECKPOINTS, resume=resume, progress=progress)
         labelled = trainer.labelled_accuracy(images_dir, set(paths), result)
         manifest = build_manifest(runtime, head, config, result, labelled, len(paths), skipped)
-        return TrainReport(out_dir, write_bundle(out_dir, result, manifest), skipped)
-
-
-def description_features(runtime: Runtime, head: ClassHead) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every description of every class, as the description index holds it (normalised), and its class; a class
-    without descriptions is represented by its prompt ensemble, as KPL does."""
-    vectors, labels = [], []
-    for c, class_name in enumerate(head.class_names):
-        found, _ = runtime.knowledge.class_descriptions(head.label_set, class_name)
-        found = found if len(found) else head.class_weights[c:c + 1].numpy()
-        vectors.append(torch.from_numpy(np.asarray(found, dtype=np.float32)))
-        labels.append(torch.full((len(found),), c, dtype=torch.long))
-    return F.normalize(torch.cat(vectors), dim=-1), torch.cat(labels)
+        tensors = {"adapter": result.adapter_weight, "prompt_tokens": result.prompt_tokens}
+        return TrainReport(out_dir, write_bundle(out_dir, tensors, manifest), skipped)
 
 
 @dataclass
@@ -130,21 +119,10 @@ class MedUnATrainer:
         self.strong = strong_view(encoder.preprocess, config.image)
 
     def usable_images(self, paths: Sequence[Path]) -> tuple[list[Path], list[tuple[str, str]]]:
-        """The files that decode as /classify would decode them; the others with their error."""
-        usable, skipped = [], []
-        for path in paths:
-            try:
-                self._decode(path)
-                usable.append(path)
-            except MedzeroError as exc:
-                skipped.append((str(path), f"{exc.code}: {exc}"))
-        return usable, skipped
+        return usable_images(paths, self.settings)
 
     def _decode(self, path: Path) -> Image.Image:
-        if path.stat().st_size > self.settings.max_upload_bytes:
-            raise InvalidInput(f"file larger than MEDZERO_MAX_UPLOAD_BYTES={self.settings.max_upload_bytes}")
-        return decode_image(path.read_bytes(), max_pixels=self.settings.max_image_pixels,
-                            max_aspect_ratio=self.settings.max_aspect_ratio).image
+        return decode_training_image(path, self.settings)
 
     def train(self, features: torch.Tensor, labels: torch.Tensor, paths: list[Path], checkpoints: Path, *,
               resume: bool, progress: bool) -> TrainResult:
@@ -152,11 +130,10 @@ class MedUnATrainer:
         fingerprint = self._fingerprint(features, paths)
         state = latest_checkpoint(checkpoints, fingerprint) if resume else None
         if state is None:
-            for stale in checkpoints.glob("*.pt"):      # an earlier run's: a later --resume must not find them
-                stale.unlink()
+            start_fresh(checkpoints)
             state = self._stage1(features, labels, progress)
             state["fingerprint"] = fingerprint
-            torch.save(state, checkpoints / "stage1.pt")
+            save_checkpoint(state, checkpoints / "stage1.pt")
         device = self.encoder.device
         frozen = [p for p in self.encoder.model.parameters() if p.requires_grad]
         for parameter in frozen:
@@ -177,7 +154,7 @@ class MedUnATrainer:
                 state = {**state, "epochs": epochs, "prompt_tokens": prompts.detach().cpu().clone(),
                          "adapter_weight": adapter.weight.detach().cpu().clone(),
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-                torch.save(state, checkpoints / f"epoch-{epoch + 1:03d}.pt")
+                save_checkpoint(state, checkpoints / f"epoch-{epoch + 1:03d}.pt")
         finally:
             for parameter in frozen:
                 parameter.requires_grad_(True)
@@ -186,11 +163,9 @@ class MedUnATrainer:
 
     def _fingerprint(self, features: torch.Tensor, paths: list[Path]) -> str:
         """What a checkpoint must match to be resumed from: model, label set, descriptions, images, settings."""
-        digest = hashlib.sha256(json.dumps({"model": self.encoder.model_id, "label_set": self.head.label_set,
-                                            "version": self.head.version, "config": dataclasses.asdict(self.config),
-                                            "images": [str(p) for p in paths]}, sort_keys=True).encode())
-        digest.update(features.numpy().tobytes())
-        return digest.hexdigest()
+        return run_fingerprint({"model": self.encoder.model_id, "label_set": self.head.label_set,
+                                "version": self.head.version, "config": dataclasses.asdict(self.config),
+                                "images": [str(p) for p in paths]}, features)
 
     def _stage1(self, features: torch.Tensor, labels: torch.Tensor, progress: bool) -> dict:
         started = time.perf_counter()
@@ -308,31 +283,11 @@ def strong_view(preprocess: Callable, image: ImageStageConfig = ImageStageConfig
     ])
 
 
-def latest_checkpoint(checkpoints: Path, fingerprint: str) -> dict | None:
-    """The newest checkpoint of this very run (same model, label set, images and settings), or None."""
-    others = []
-    for path in sorted(checkpoints.glob("epoch-*.pt"), reverse=True) + [checkpoints / "stage1.pt"]:
-        if path.is_file():
-            state = torch.load(path, map_location="cpu", weights_only=False)   # resumable on another device
-            if state.get("fingerprint") == fingerprint:
-                log.info("resuming from %s", path.name)
-                return state
-            others.append(path.name)
-    if others:
-        raise InvalidInput(f"the checkpoints in {checkpoints} ({', '.join(others[:3])}) are from another run "
-                           "(model, label set, images or settings differ); train into a new --out, or drop --resume")
-    return None
-
-
 def build_manifest(runtime: Runtime, head: ClassHead, config: MedUnAConfig, result: TrainResult,
                    labelled: dict | None, n_images: int, skipped: list[tuple[str, str]]) -> dict:
-    knowledge = runtime.knowledge.manifest
     last = result.epochs[-1] if result.epochs else {}
     return {
-        "format": BUNDLE_FORMAT, "method": "meduna", "model_id": head.model_id, "label_set": head.label_set,
-        "label_set_version": head.version, "class_names": list(head.class_names),
-        "corpus_hash": knowledge.get("corpus_hash"),
-        "descriptions_hash": knowledge.get("groups", {}).get(head.label_set),   # what stage 1 learned from
+        **manifest_identity(runtime, head, method="meduna", bundle_format=BUNDLE_FORMAT),
         "embed_dim": int(result.adapter_weight.shape[1]),
         "prompt_tokens": list(result.prompt_tokens.shape), "vision_width": vision_width(runtime.encoder.model.visual),
         "config": dataclasses.asdict(config),
@@ -342,24 +297,4 @@ def build_manifest(runtime: Runtime, head: ClassHead, config: MedUnAConfig, resu
                     "stage2": {"epochs": result.epochs, "final": {k: last.get(k) for k in ("loss", "ce", "entropy")}},
                     "labelled_accuracy": labelled},
         "images": {"used": n_images, "skipped": [{"file": f, "error": e} for f, e in skipped]},
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "medzero_version": __version__, "torch_version": torch.__version__,
     }
-
-
-def write_bundle(out_dir: Path, result: TrainResult, manifest: dict) -> dict:
-    """adapter.safetensors, then manifest.json (with the adapter's sha256), each via a temporary name; -> the
-    manifest as written."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    adapter_tmp = out_dir / f".{ADAPTER_FILE}.tmp"
-    save_file({"adapter": result.adapter_weight.contiguous().float(),
-               "prompt_tokens": result.prompt_tokens.contiguous().float()}, str(adapter_tmp),
-              metadata={"format": BUNDLE_FORMAT})
-    digest = hashlib.sha256(adapter_tmp.read_bytes()).hexdigest()
-    manifest_tmp = out_dir / f".{MANIFEST_FILE}.tmp"
-    text = json.dumps({**manifest, "files": {ADAPTER_FILE: {"sha256": digest}}}, indent=2)
-    manifest_tmp.write_text(text)
-    os.replace(adapter_tmp, out_dir / ADAPTER_FILE)
-    os.replace(manifest_tmp, out_dir / MANIFEST_FILE)
-    return json.loads(text)
-

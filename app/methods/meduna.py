@@ -13,14 +13,17 @@ are), and the confident subset keeps at least one row (the script's int() keeps 
 import math
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from app.errors import AdapterNotFound
+from app.encoders.tower_variants import PromptTokens
+from app.errors import AdapterNotFound, InvalidAdapter
 from app.methods.base import ClassHead, Scores
+from app.methods.bundle import ADAPTER_FILE
 from app.methods.meduna_config import ImageStageConfig, TextStageConfig  # noqa: F401  (re-exported)
 
 
@@ -102,7 +105,7 @@ def adapter_logits(image_features: torch.Tensor, adapter_weight: torch.Tensor) -
     return F.normalize(image_features, dim=-1) @ adapter_weight.T
 
 BUNDLE_FORMAT = "medzero-meduna/1"               # what `medzero train meduna` writes and the server reads
-ADAPTER_FILE, MANIFEST_FILE = "adapter.safetensors", "manifest.json"
+MAX_PROMPT_TOKENS = 1024
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,11 @@ class MedUnAAdapter:
     manifest: dict = field(default_factory=dict)
     version: int = 0
     created_at: datetime | None = None
+
+    @cached_property
+    def tower_variant(self) -> PromptTokens:
+        """The prompted tower the encoder runs for method=meduna: one object per decoded state (batching key)."""
+        return PromptTokens(self.prompt_tokens)
 
     def to_state(self) -> tuple[dict[str, np.ndarray], dict]:
         arrays = {"adapter": self.adapter_weight.numpy(), "prompt_tokens": self.prompt_tokens.numpy()}
@@ -139,6 +147,27 @@ class MedUnA:
     name = "meduna"
     state_kind = "meduna"
     supports_transductive = False
+    bundle_format = BUNDLE_FORMAT
+
+    def from_bundle(self, tensors: dict[str, torch.Tensor], manifest: dict, head: ClassHead, adapter_id: str, *,
+                    embed_dim: int, vision_width: int | None) -> MedUnAAdapter:
+        """A bundle's adapter and prompt tokens checked against this model and label set."""
+        weight, prompts = tensors.get("adapter"), tensors.get("prompt_tokens")
+        if weight is None or prompts is None:
+            raise InvalidAdapter(f"{ADAPTER_FILE} needs tensors 'adapter' and 'prompt_tokens'; has {sorted(tensors)}")
+        if tuple(weight.shape) != (len(head.class_names), embed_dim):
+            raise InvalidAdapter(f"adapter shape {tuple(weight.shape)}; the label set and model need "
+                                 f"{(len(head.class_names), embed_dim)}")
+        if vision_width is None or prompts.ndim != 2 or prompts.shape[1] != vision_width:
+            raise InvalidAdapter(f"prompt tokens of shape {tuple(prompts.shape)} do not fit this model's vision "
+                                 f"tower (width {vision_width})")
+        if len(prompts) > MAX_PROMPT_TOKENS:
+            raise InvalidAdapter(f"{len(prompts)} prompt tokens; at most {MAX_PROMPT_TOKENS} (every request pays "
+                                 "for them in attention)")
+        if not (torch.isfinite(weight).all() and torch.isfinite(prompts).all()):
+            raise InvalidAdapter(f"{ADAPTER_FILE} holds NaN or infinite values")
+        return MedUnAAdapter(adapter_id, head.label_set, head.version, head.model_id, head.class_names,
+                             weight.float().contiguous(), prompts.float().contiguous(), manifest)
 
     def load_state(self, arrays: dict[str, np.ndarray], meta: dict, version: int,
                    created_at: datetime) -> MedUnAAdapter:

@@ -1,7 +1,8 @@
-"""Trained adapters as the server's method state: a bundle from `medzero train meduna` (adapter.safetensors +
-manifest.json, or one .tar.gz / .zip of them) is checked against what the server runs -- the model id, the
-label set's version and class order, the description corpus -- and stored as the label set's "meduna" state
-(one transaction: a valid bundle for the same label set replaces the old one, a refused one changes nothing).
+"""Trained adapters as the server's method state: a bundle from `medzero train meduna` or `medzero train hica`
+(adapter.safetensors + manifest.json, or one .tar.gz / .zip of them) is checked against what the server runs --
+the model id, the label set's version and class order, the description corpus, and the tensors against the model
+(the method's `from_bundle`) -- and stored as the label set's state of that method's kind (one transaction: a
+valid bundle for the same label set and method replaces the old one, a refused one changes nothing).
 Every bundle under MEDZERO_ADAPTERS_DIR is loaded at start-up the same way.
 """
 import dataclasses
@@ -11,28 +12,27 @@ import json
 import logging
 import tarfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
 from app.errors import AdapterMismatch, InvalidAdapter, UnknownAdapter
 from app.methods.base import ClassHead
-from app.methods.meduna import ADAPTER_FILE, BUNDLE_FORMAT, MANIFEST_FILE, MedUnA, MedUnAAdapter
+from app.methods.bundle import ADAPTER_FILE, MANIFEST_FILE, Adapter, AdapterMethod
 from app.storage.method_states import MethodStateRepository, StateKey
 
 log = logging.getLogger(__name__)
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
-MAX_PROMPT_TOKENS = 1024
 
 
 class AdapterService:
-    def __init__(self, method: MedUnA, states: MethodStateRepository, *, head: Callable[[str], ClassHead],
-                 label_set_names: Callable[[], list[str]], descriptions_hash: Callable[[str], str | None],
-                 embed_dim: int, vision_width: int | None, max_member_bytes: int) -> None:
-        self._method = method
+    def __init__(self, methods: Sequence[AdapterMethod], states: MethodStateRepository, *,
+                 head: Callable[[str], ClassHead], label_set_names: Callable[[], list[str]],
+                 descriptions_hash: Callable[[str], str | None], embed_dim: int, vision_width: int | None,
+                 max_member_bytes: int) -> None:
+        self._methods = {method.name: method for method in methods}
         self._states = states
         self._head = head                        # sync: LabelSetService.head
         self._label_set_names = label_set_names
@@ -41,44 +41,51 @@ class AdapterService:
         self._embed_dim = embed_dim
         self._vision_width = vision_width        # None: the vision tower takes no prompt tokens
 
-    def install(self, files: dict[str, bytes]) -> MedUnAAdapter:
-        """Check a bundle ({file name: bytes}) and make it its label set's current adapter."""
+    def install(self, files: dict[str, bytes]) -> Adapter:
+        """Check a bundle ({file name: bytes}) and make it its label set's current adapter of its method."""
         manifest, adapter_bytes = read_bundle(files, self._max_member_bytes)
+        method = self._method_of(manifest)
         head = self._head(_field(manifest, "label_set", str))
-        adapter = self._checked(manifest, adapter_bytes, head)
-        current = self._current(head)
+        adapter = self._checked(method, manifest, adapter_bytes, head)
+        current = self._current(method, head)
         if current is not None and current.adapter_id == adapter.adapter_id:
             return current                       # the same bundle again (a restart): nothing to do
-        stamp = self._states.add(self._key(head), *adapter.to_state())
-        log.info("adapter %s for %s v%d loaded (%s)", adapter.adapter_id[:12], head.label_set, head.version,
-                 head.model_id)
+        stamp = self._states.add(self._key(method, head), *adapter.to_state())
+        log.info("%s adapter %s for %s v%d loaded (%s)", method.name, adapter.adapter_id[:12], head.label_set,
+                 head.version, head.model_id)
         return dataclasses.replace(adapter, version=stamp.version, created_at=stamp.created_at)
 
-    def list_loaded(self) -> list[MedUnAAdapter]:
-        """The current adapter of every label set that has one (under the loaded model, current versions)."""
-        found = []
-        for name in self._label_set_names():
-            adapter = self._current(self._head(name))
-            if adapter is not None:
-                found.append(adapter)
-        return found
+    def list_loaded(self) -> list[Adapter]:
+        """The current adapter of every label set and method that has one (under the loaded model, current
+        versions), by label set, then method."""
+        return list(self._loaded())
 
-    def get(self, adapter_id: str) -> MedUnAAdapter:
-        for adapter in self.list_loaded():
+    def _loaded(self) -> Iterator[Adapter]:
+        for name in self._label_set_names():
+            head = self._head(name)
+            for method in self._methods.values():
+                adapter = self._current(method, head)
+                if adapter is not None:
+                    yield adapter
+
+    def get(self, adapter_id: str) -> Adapter:
+        for adapter in self._loaded():
             if adapter.adapter_id == adapter_id or (len(adapter_id) >= 12
                                                     and adapter.adapter_id.startswith(adapter_id)):
                 return adapter
         raise UnknownAdapter(f"no loaded adapter {adapter_id!r}; GET /adapters lists them")
 
-    def delete(self, adapter_id: str) -> MedUnAAdapter:
+    def delete(self, adapter_id: str) -> Adapter:
         adapter = self.get(adapter_id)
-        self._states.delete(self._method.state_kind, adapter.label_set, adapter.model_id)
+        method = self._methods[adapter.manifest.get("method", "meduna")]
+        self._states.delete(method.state_kind, adapter.label_set, adapter.model_id)
         return adapter
 
     def load_dir(self, folder: Path) -> list[str]:
         """The bundles under `folder` (sub-folders with a manifest, archives, in name order) for label sets that
-        have no adapter yet: one uploaded or loaded before is never overridden by a restart (or a job), and of two
-        bundles for one label set the first wins. A refused bundle is logged, never fatal. -> the ids loaded."""
+        have no adapter of that method yet: one uploaded or loaded before is never overridden by a restart (or a
+        job), and of two bundles for one label set and method the first wins. A refused bundle is logged, never
+        fatal. -> the ids loaded."""
         loaded = []
         for path in sorted(folder.iterdir()) if folder.is_dir() else []:
             try:
@@ -90,26 +97,37 @@ class AdapterService:
                 else:
                     continue
                 manifest, adapter_bytes = read_bundle(files, self._max_member_bytes)
-                current = self._current(self._head(_field(manifest, "label_set", str)))
+                method = self._method_of(manifest)
+                current = self._current(method, self._head(_field(manifest, "label_set", str)))
                 if current is not None:
                     if current.adapter_id != hashlib.sha256(adapter_bytes).hexdigest():
-                        log.info("adapter bundle %s not loaded: %s already has adapter %s", path,
-                                 current.label_set, current.adapter_id[:12])
+                        log.info("adapter bundle %s not loaded: %s already has %s adapter %s", path,
+                                 current.label_set, method.name, current.adapter_id[:12])
                     continue
                 loaded.append(self.install(files).adapter_id)
             except Exception as exc:      # a bad bundle on disk must not stop the server from starting
                 log.warning("adapter bundle %s not loaded: %s", path, exc)
         return loaded
 
-    def _current(self, head: ClassHead) -> MedUnAAdapter | None:
-        return self._states.current(self._key(head), self._method.load_state)
+    def _method_of(self, manifest: dict) -> AdapterMethod:
+        name = manifest.get("method", "meduna")      # the first MedUnA bundles may predate the field
+        method = self._methods.get(name) if isinstance(name, str) else None
+        if method is None:
+            raise InvalidAdapter(f"{MANIFEST_FILE} is for method {name!r}; this server loads bundles of "
+                                 f"{', '.join(sorted(self._methods))}")
+        return method
 
-    def _key(self, head: ClassHead) -> StateKey:
-        return StateKey(self._method.state_kind, head.label_set, head.version, head.model_id)
+    def _current(self, method: AdapterMethod, head: ClassHead) -> Adapter | None:
+        return self._states.current(self._key(method, head), method.load_state)
 
-    def _checked(self, manifest: dict, adapter_bytes: bytes, head: ClassHead) -> MedUnAAdapter:
-        if manifest.get("format") != BUNDLE_FORMAT:
-            raise InvalidAdapter(f"manifest format {manifest.get('format')!r}; this server reads {BUNDLE_FORMAT!r}")
+    @staticmethod
+    def _key(method: AdapterMethod, head: ClassHead) -> StateKey:
+        return StateKey(method.state_kind, head.label_set, head.version, head.model_id)
+
+    def _checked(self, method: AdapterMethod, manifest: dict, adapter_bytes: bytes, head: ClassHead) -> Adapter:
+        if manifest.get("format") != method.bundle_format:
+            raise InvalidAdapter(f"manifest format {manifest.get('format')!r}; this server reads "
+                                 f"{method.bundle_format!r} for {method.name}")
         for name, kind in (("model_id", str), ("label_set_version", int), ("class_names", list),
                            ("descriptions_hash", str), ("files", dict)):
             _field(manifest, name, kind)
@@ -124,28 +142,14 @@ class AdapterService:
         for name, value in live.items():
             if manifest.get(name) != value:
                 raise AdapterMismatch(f"{name} differs: the bundle has {manifest.get(name)!r}, the server "
-                                      f"{value!r}; retrain with `medzero train meduna` against this server's "
-                                      "model, label set and knowledge base")
+                                      f"{value!r}; retrain with `medzero train {method.name}` against this "
+                                      "server's model, label set and knowledge base")
         try:
             tensors = load_safetensors(adapter_bytes)
         except (SafetensorError, ValueError) as exc:
             raise InvalidAdapter(f"{ADAPTER_FILE} is not a safetensors file: {exc}") from exc
-        weight, prompts = tensors.get("adapter"), tensors.get("prompt_tokens")
-        if weight is None or prompts is None:
-            raise InvalidAdapter(f"{ADAPTER_FILE} needs tensors 'adapter' and 'prompt_tokens'; has {sorted(tensors)}")
-        if tuple(weight.shape) != (len(head.class_names), self._embed_dim):
-            raise InvalidAdapter(f"adapter shape {tuple(weight.shape)}; the label set and model need "
-                                 f"{(len(head.class_names), self._embed_dim)}")
-        if self._vision_width is None or prompts.ndim != 2 or prompts.shape[1] != self._vision_width:
-            raise InvalidAdapter(f"prompt tokens of shape {tuple(prompts.shape)} do not fit this model's vision "
-                                 f"tower (width {self._vision_width})")
-        if len(prompts) > MAX_PROMPT_TOKENS:
-            raise InvalidAdapter(f"{len(prompts)} prompt tokens; at most {MAX_PROMPT_TOKENS} (every request pays "
-                                 "for them in attention)")
-        if not (torch.isfinite(weight).all() and torch.isfinite(prompts).all()):
-            raise InvalidAdapter(f"{ADAPTER_FILE} holds NaN or infinite values")
-        return MedUnAAdapter(digest, head.label_set, head.version, head.model_id, head.class_names,
-                             weight.float().contiguous(), prompts.float().contiguous(), manifest)
+        return method.from_bundle(tensors, manifest, head, digest, embed_dim=self._embed_dim,
+                                  vision_width=self._vision_width)
 
 
 def read_bundle(files: dict[str, bytes], max_member_bytes: int) -> tuple[dict, bytes]:

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from app import metrics
 from app.domain import Prediction
 from app.encoders.batcher import Announcement, Batcher
+from app.encoders.tower_variants import TowerVariant
 from app.errors import InvalidInput, MedzeroError, UnknownMethod, UnusableBatch
 from app.imaging.decode import decode_image
 from app.methods.base import ClassEvidence, ClassHead, Method, Scores, StatefulMethod
@@ -181,18 +182,18 @@ class Classifier:
                      files: Sequence[UploadedFile] | None = None) -> Assessment:
         """Score encoded images as /classify does: the method's stored state, then its calibration (not for a
         transductive batch, whose proxies are fitted on the batch itself; not when `calibrated` is False).
-        A state with its own prompt tokens (MedUnA) needs its own forward: `files` (those `image_features` were
-        encoded from) are encoded again with them."""
+        A state that changes the tower (MedUnA's prompt tokens, HiCA's tuned weights) needs its own forward:
+        `files` (those `image_features` were encoded from) are encoded again with it."""
         state = None if transductive else await self.state(method, head)
         _require_state(method, head, state)
-        prompts = _prompts(state)
-        if prompts is not None:
+        variant = _tower_variant(state)
+        if variant is not None:
             if files is None:
-                raise ValueError(f"method {method.name} encodes with its own prompt tokens: pass the files")
-            pool = await self.encode_pool(files, prompts=prompts)
+                raise ValueError(f"method {method.name} encodes with its own tower variant: pass the files")
+            pool = await self.encode_pool(files, variant=variant)
             if len(pool.used) != len(files):   # a file that read the first time and not now: rows would shift
                 raise InvalidInput(f"{len(files) - len(pool.used)} of {len(files)} files could not be read again "
-                                   f"for {method.name}'s prompted forward: {pool.skipped[0][0]}")
+                                   f"for {method.name}'s own forward: {pool.skipped[0][0]}")
             image_features = pool.features
         scores = await self._score(method, head, state, image_features, transductive)
         calibration = None if transductive or not calibrated else await self.calibration(method, head, state)
@@ -209,7 +210,7 @@ class Classifier:
             state = await self.state(chosen, head)
             _require_state(chosen, head, state)
             calibration = await self.calibration(chosen, head, state)
-            [outcome] = await self.encode_files([file], prompts=_prompts(state))
+            [outcome] = await self.encode_files([file], variant=_tower_variant(state))
             if isinstance(outcome, MedzeroError):
                 raise outcome
             scores = await self._score(chosen, head, state, outcome.features.unsqueeze(0), transductive=False)
@@ -231,7 +232,7 @@ class Classifier:
             state = None if transductive else await self.state(chosen, head)
             _require_state(chosen, head, state)
             calibration = None if transductive else await self.calibration(chosen, head, state)
-            outcomes = await self.encode_files(files, prompts=_prompts(state))
+            outcomes = await self.encode_files(files, variant=_tower_variant(state))
             if transductive:
                 _refuse_partial_batch(files, outcomes)
             encoded = [outcome for outcome in outcomes if isinstance(outcome, Encoded)]
@@ -245,7 +246,7 @@ class Classifier:
                 for outcome in outcomes]
 
     async def encode_pool(self, files: Sequence[UploadedFile], *, progress: bool = False,
-                          description: str = "encoding", prompts: torch.Tensor | None = None) -> EncodedPool:
+                          description: str = "encoding", variant: TowerVariant | None = None) -> EncodedPool:
         """Encode a pool of files as /classify does, with admission permits a chunk at a time (waited for, so a
         long job does not fail on a traffic burst). A file that cannot be used is skipped with its error; a
         refusal of the server's own (503) is raised instead, so no job runs on a load-dependent subset."""
@@ -254,7 +255,7 @@ class Classifier:
             for start in range(0, len(files), self._pool_chunk_images):
                 chunk = files[start:start + self._pool_chunk_images]
                 with await self._admission.acquire(len(chunk), self._permit_timeout_seconds):
-                    outcomes = await self.encode_files(chunk, prompts=prompts)
+                    outcomes = await self.encode_files(chunk, variant=variant)
                 for offset, (file, outcome) in enumerate(zip(chunk, outcomes)):
                     if isinstance(outcome, MedzeroError) and outcome.status_code == 503:
                         raise outcome           # the server is busy or stopping: fail the job, drop no image
@@ -267,11 +268,11 @@ class Classifier:
         return EncodedPool(torch.stack(features) if features else None, used, skipped)
 
     async def encode_files(self, files: Sequence[UploadedFile], *,
-                           prompts: torch.Tensor | None = None) -> list["Encoded | MedzeroError"]:
-        """Read, decode and encode admitted files, sharing forwards (with `prompts`: the prompted encoder's); a
+                           variant: TowerVariant | None = None) -> list["Encoded | MedzeroError"]:
+        """Read, decode and encode admitted files, sharing forwards (with `variant`: that tower's); a
         file that cannot be used yields its error in its place."""
         with self._batcher.expecting(len(files)) as announcement:
-            outcomes = await asyncio.gather(*(self._encode_file(file, announcement, prompts) for file in files),
+            outcomes = await asyncio.gather(*(self._encode_file(file, announcement, variant) for file in files),
                                             return_exceptions=True)
         for outcome in outcomes:
             if isinstance(outcome, BaseException) and not isinstance(outcome, MedzeroError):
@@ -279,7 +280,7 @@ class Classifier:
         return list(outcomes)
 
     async def _encode_file(self, file: UploadedFile, announcement: Announcement,
-                           prompts: torch.Tensor | None) -> Encoded:
+                           variant: TowerVariant | None) -> Encoded:
         started = time.perf_counter()
         try:
             data = await file.read()
@@ -288,7 +289,7 @@ class Classifier:
         except BaseException:
             self._batcher.withdraw(announcement)   # the batch-mates' forward need not wait for this one
             raise
-        features = await self._batcher.encode(tensor, announcement, prompts)
+        features = await self._batcher.encode(tensor, announcement, variant)
         metrics.IMAGES.labels(format=input_format).inc()
         return Encoded(features, input_format, started)
 
@@ -347,9 +348,10 @@ class Classifier:
                               details=scores.details)
 
 
-def _prompts(state: object | None) -> torch.Tensor | None:
-    """The visual prompt tokens a method's state encodes with (a MedUnA adapter's), or None."""
-    return getattr(state, "prompt_tokens", None)
+def _tower_variant(state: object | None) -> TowerVariant | None:
+    """How a method's state changes the vision tower (a MedUnA adapter's prompt tokens, HiCA's tuned weights), or
+    None: the plain encoder."""
+    return getattr(state, "tower_variant", None)
 
 
 def _require_state(method: Method, head: ClassHead, state: object | None) -> None:

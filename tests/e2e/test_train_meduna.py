@@ -15,6 +15,7 @@ from app.encoders.visual_prompts import prompts_inserted
 from app.errors import InvalidInput
 from app.jobs import train_meduna
 from app.jobs.train_meduna import MedUnAConfig
+from app.jobs.training import description_features
 from app.methods.meduna import ImageStageConfig, TextStageConfig, stage2_loss
 from app.runtime import Runtime
 from tests.conftest import tiny_settings
@@ -104,7 +105,7 @@ def test_stage2_lowers_the_loss_moves_the_prompts_and_leaves_the_encoder_alone(t
         async with Runtime.for_job(tiny_settings(tmp_path / "data"), progress=False) as runtime:
             head = await runtime.classifier.head(LABEL_SET)
             trainer = train_meduna.MedUnATrainer(runtime.encoder, head, config, runtime.settings)
-            features, labels = train_meduna.description_features(runtime, head)
+            features, labels = description_features(runtime, head)
             paths, _ = trainer.usable_images(sorted(images.rglob("*.png")))
             weights_before = {k: v.clone() for k, v in runtime.encoder.model.state_dict().items()}
             pixels = torch.stack([trainer.weak(trainer._decode(p)) for p in paths])   # a fixed view to score on

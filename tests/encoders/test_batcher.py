@@ -225,32 +225,36 @@ def test_other_model_work_runs_on_the_encoder_thread_between_forwards(encoder) -
     asyncio.run(scenario())
 
 
-def test_prompted_and_plain_images_never_share_a_forward(encoder) -> None:
-    """Images for two adapters' prompt tokens and plain ones arrive interleaved while a forward runs: each next
-    forward holds one kind only, every caller gets the embedding of its own kind, and none is lost."""
+def test_tower_variants_and_plain_images_never_share_a_forward(encoder) -> None:
+    """Images for an adapter's prompt tokens, for another's tuned weights and plain ones arrive interleaved while a
+    forward runs: each next forward holds one kind only, every caller gets the embedding of its own kind, and none
+    is lost."""
+    from app.encoders.tower_variants import PromptTokens, TunedWeights
     from app.encoders.visual_prompts import init_prompt_tokens
 
     visual = encoder.model.visual
-    prompts_a = init_prompt_tokens(visual, 3, generator=torch.Generator().manual_seed(1))
-    prompts_b = init_prompt_tokens(visual, 2, generator=torch.Generator().manual_seed(2))
+    prompts_a = PromptTokens(init_prompt_tokens(visual, 3, generator=torch.Generator().manual_seed(1)))
+    [(name, last)] = [(n, p) for n, p in visual.named_parameters() if n.endswith("mlp.c_proj.weight")][-1:]
+    tuned_b = TunedWeights({name: last.detach() + 0.5 * torch.randn(last.shape, generator=torch.Generator()
+                                                                     .manual_seed(2))})
     pixels = torch.randn(9, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    kinds = [None, prompts_a, None, prompts_b, prompts_a, None, prompts_b, prompts_a, None]
+    kinds = [None, prompts_a, None, tuned_b, prompts_a, None, tuned_b, prompts_a, None]
     forwards: list[list[int]] = []
     gate = GatedEncoder()
 
-    def recording(batch: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
+    def recording(batch: torch.Tensor, variant=None) -> torch.Tensor:
         gate(batch[:1])                                     # the first forward is held until all have queued
-        forwards.append([id(prompts)] * len(batch))
-        return encoder.encode_images(batch, prompts)
+        forwards.append([id(variant)] * len(batch))
+        return encoder.encode_images(batch, variant)
 
     async def scenario() -> list[torch.Tensor]:
         batcher = batcher_for(recording, max_batch_size=8, max_wait_seconds=0)
         batcher.start()
         gate.gate.clear()
         try:
-            first = asyncio.ensure_future(batcher.encode(pixels[0], prompts=kinds[0]))
+            first = asyncio.ensure_future(batcher.encode(pixels[0], variant=kinds[0]))
             await asyncio.to_thread(gate.entered.wait, 10)
-            rest = [asyncio.ensure_future(batcher.encode(p, prompts=k)) for p, k in zip(pixels[1:], kinds[1:])]
+            rest = [asyncio.ensure_future(batcher.encode(p, variant=k)) for p, k in zip(pixels[1:], kinds[1:])]
             await asyncio.sleep(0.05)
             gate.gate.set()
             return await asyncio.gather(first, *rest)
@@ -259,8 +263,11 @@ def test_prompted_and_plain_images_never_share_a_forward(encoder) -> None:
 
     results = asyncio.run(scenario())
     assert all(len(set(ids)) == 1 for ids in forwards)     # one kind per forward
-    assert sorted(len(ids) for ids in forwards) == [1, 2, 3, 3]   # plain 1 (held) + 3, prompts_a 3, prompts_b 2
+    assert sorted(len(ids) for ids in forwards) == [1, 2, 3, 3]   # plain 1 (held) + 3, prompts_a 3, tuned_b 2
     for p, k, got in zip(pixels, kinds, results):
         assert torch.allclose(got, encoder.encode_images(p.unsqueeze(0), k)[0], atol=1e-5)
-    plain, prompted = encoder.encode_images(pixels[:1]), encoder.encode_images(pixels[:1], prompts_a)
+    plain = encoder.encode_images(pixels[:1])
+    assert not torch.allclose(plain, encoder.encode_images(pixels[:1], tuned_b), atol=1e-3)
+    assert torch.equal(encoder.encode_images(pixels[:1]), plain)      # the tuned forward left the model alone
+    prompted = encoder.encode_images(pixels[:1], prompts_a)
     assert not torch.allclose(plain, prompted, atol=1e-3)

@@ -1,4 +1,5 @@
-"""/adapters: trained MedUnA bundles (`medzero train meduna`), loaded as method state (admin writes)."""
+"""/adapters: trained bundles (`medzero train meduna`, `medzero train hica`), loaded as method state (admin
+writes)."""
 from typing import Annotated
 
 from fastapi import APIRouter, File, UploadFile, status
@@ -7,7 +8,7 @@ from starlette.concurrency import run_in_threadpool
 from app.api.deps import AdminDep, RuntimeDep
 from app.api.schemas import AdapterPublic, AdaptersPublic, ErrorBody
 from app.errors import InvalidAdapter
-from app.methods.meduna import MedUnAAdapter
+from app.methods.bundle import Adapter
 from app.services.uploads import read_bounded
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
@@ -19,7 +20,7 @@ async def upload_adapter(files: Annotated[list[UploadFile], File(
         description="adapter.safetensors and manifest.json, or one .tar.gz / .zip holding them.")],
                          runtime: RuntimeDep) -> AdapterPublic:
     """Check a bundle against the loaded model, the label set's current version and class order and the
-    description corpus, then make it the label set's adapter (replacing the previous one); refused bundles change
+    description corpus, then make it the label set's adapter of its method (replacing the previous one); refused bundles change
     nothing (409 for a bundle made for something else, 422 for one that is not a bundle)."""
     if len(files) > 2:
         raise InvalidAdapter(f"{len(files)} files; a bundle is adapter.safetensors + manifest.json, or one archive")
@@ -31,7 +32,7 @@ async def upload_adapter(files: Annotated[list[UploadFile], File(
 
 @router.get("", responses=ERRORS)
 async def list_adapters(runtime: RuntimeDep) -> AdaptersPublic:
-    """The adapter of every label set that has one, under the loaded model."""
+    """The adapter of every label set and method that has one, under the loaded model."""
     adapters = await run_in_threadpool(runtime.adapters.list_loaded)
     return AdaptersPublic(data=[to_public(a) for a in adapters], count=len(adapters))
 
@@ -48,10 +49,14 @@ async def delete_adapter(adapter_id: str, runtime: RuntimeDep) -> None:
     await run_in_threadpool(runtime.adapters.delete, adapter_id)
 
 
-def to_public(adapter: MedUnAAdapter) -> AdapterPublic:
+def to_public(adapter: Adapter) -> AdapterPublic:
     manifest = adapter.manifest
+    prompts = getattr(adapter, "prompt_tokens", None)
+    tuned = getattr(adapter, "tower_variant", None)
     return AdapterPublic(id=adapter.adapter_id, method=manifest.get("method", "meduna"), label_set=adapter.label_set,
                          label_set_version=adapter.label_set_version, model=adapter.model_id,
-                         class_names=list(adapter.class_names), prompt_tokens=int(adapter.prompt_tokens.shape[0]),
+                         class_names=list(adapter.class_names),
+                         prompt_tokens=None if prompts is None else int(prompts.shape[0]),
+                         tuned_weights=sorted(getattr(tuned, "weights", {})) or None,
                          version=adapter.version, created_at=adapter.created_at,
                          metrics=manifest.get("metrics", {}), config=manifest.get("config", {}))
