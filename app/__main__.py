@@ -359,6 +359,11 @@ def hica_config(args: argparse.Namespace):
     for option in ("tuned_blocks", "lora_rank", "epochs", "pre_epochs", "batch_size", "grid", "clusters_per_class"):
         if getattr(args, option) < 1:
             raise InvalidInput(f"--{option.replace('_', '-')} must be at least 1; got {getattr(args, option)}")
+    if args.clusters is not None and args.clusters < 1:
+        raise InvalidInput(f"--clusters must be at least 1; got {args.clusters}")
+    for option in ("global_temperature", "local_temperature", "cluster_temperature", "text_temperature"):
+        if getattr(args, option) is not None and not getattr(args, option) > 0:
+            raise InvalidInput(f"--{option.replace('_', '-')} must be positive; got {getattr(args, option)}")
     tuning = TuningConfig(mode=args.tuning, blocks=args.tuned_blocks, lora_rank=args.lora_rank,
                           lora_alpha=args.lora_alpha, lr=args.lr, text_lr=args.text_lr,
                           weight_decay=args.weight_decay)

@@ -162,7 +162,7 @@ def render(rows: list[Row], model_id: str, pretrained: bool, skipped: list[str],
               "(± sd) | hica acc | hica bal. acc (± sd) | bal. acc fewshot / zeroshot | hica / zeroshot |"),
               "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for row in rows:
-        hica = ("| – | – | – " if row.hica is None else
+        hica = (f"| – | – | {_ratio(row.fewshot[1], row.zeroshot[1])} | – " if row.hica is None else
                 f"| {100 * row.hica[0]:.1f} | {100 * row.hica[1]:.1f} ± {100 * row.hica_sd:.1f} "
                 f"| {_ratio(row.fewshot[1], row.zeroshot[1])} | {_ratio(row.hica[1], row.zeroshot[1])} ")
         lines.append(f"| {row.dataset} | {row.shots} | {row.queries} | {100 * row.zeroshot[0]:.1f} "

@@ -25,7 +25,8 @@ from accuracy import DATASET_LABEL_SETS, DEFAULT_DATA_ROOT, cpu_flags  # benchma
 from app.evaluation.scoring import classification_metrics
 from app.imaging.files import image_files
 from app.jobs.evaluate import EvalOptions, evaluate_with
-from app.jobs.train_meduna import MedUnAConfig, MedUnATrainer, build_manifest, description_features, write_bundle
+from app.jobs.train_meduna import MedUnAConfig, MedUnATrainer, build_manifest, bundle_tensors
+from app.jobs.training import description_features, write_bundle
 from app.methods.bundle import ADAPTER_FILE, MANIFEST_FILE
 from app.methods.meduna import ImageStageConfig, TextStageConfig
 from app.runtime import Runtime
@@ -85,7 +86,7 @@ async def accuracy_rows(args: argparse.Namespace, work: Path) -> tuple[list[dict
             for stage, trained in (("stage 1", stage1), ("stage 2", result)):
                 manifest = build_manifest(runtime, head, config, trained, None, len(paths), [])
                 bundle = work / dataset / stage.replace(" ", "")
-                write_bundle(bundle, trained, manifest)
+                write_bundle(bundle, bundle_tensors(trained), manifest)
                 runtime.adapters.install({name: (bundle / name).read_bytes() for name in (ADAPTER_FILE, MANIFEST_FILE)})
                 evaluation = await evaluate_with(runtime, folder, label_set, {}, options)
                 by_name = {row.name: row for row in evaluation.rows}

@@ -6,9 +6,11 @@
 
 The batcher groups images by the identity of their variant (one forward never mixes variants), so a state object
 builds its variant once and hands out the same one on every request (method states are cached decoded).
-Neither is thread-safe on the same tower: the server runs every forward on its one encoder thread.
+Neither is thread-safe on the same tower: the server runs every forward on its one encoder thread. While a tuned
+forward runs, the tower's attributes ARE the replacement tensors, so code that needs the loaded weights (HiCA's
+LoRA merge, on a request thread) must hold references to them taken before serving starts.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -27,18 +29,13 @@ class PromptTokens:
 
 @dataclass(frozen=True, eq=False)
 class TunedWeights:
-    weights: dict[str, torch.Tensor]   # parameter name inside the vision tower -> its replacement
-    _placed: dict = field(default_factory=dict, repr=False)   # (device, dtype) -> weights moved there, built once
+    # parameter name inside the vision tower -> its replacement, on the parameter's own device and dtype (at fp16
+    # open_clip keeps LayerNorms in fp32, so the pixels' dtype is not every parameter's)
+    weights: dict[str, torch.Tensor]
 
     def image_features(self, visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-        output = functional_call(visual, self._on(pixels.device, pixels.dtype), (pixels,), strict=False)
+        output = functional_call(visual, self.weights, (pixels,))
         return output[0] if isinstance(output, tuple) else output
-
-    def _on(self, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        key = (str(device), dtype)
-        if key not in self._placed:
-            self._placed[key] = {name: value.to(device, dtype) for name, value in self.weights.items()}
-        return self._placed[key]
 
 
 TowerVariant = PromptTokens | TunedWeights

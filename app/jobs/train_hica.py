@@ -169,7 +169,8 @@ class HiCATrainer:
         self.visual = encoder.model.visual
         self.base = {name: p.detach() for name, p in self.visual.named_parameters()}
         self.lora_scale = config.tuning.lora_alpha / config.tuning.lora_rank
-        self.temperature = config.align.global_temperature or 1.0 / encoder.logit_scale
+        self.temperature = (1.0 / encoder.logit_scale if config.align.global_temperature is None
+                            else config.align.global_temperature)
         self.class_text = head.class_weights.float()
 
     def _pixels(self, paths: Sequence[Path]) -> torch.Tensor:
@@ -262,7 +263,7 @@ class HiCATrainer:
     def _clusters(self, unlabelled: list[Path], progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """k-means on the loaded tower's embeddings -> (normalised centroids (k, d), assignments (n,))."""
         pre = self.config.pre
-        wanted = pre.clusters or pre.clusters_per_class * len(self.head.class_names)
+        wanted = pre.clusters_per_class * len(self.head.class_names) if pre.clusters is None else pre.clusters
         k = max(1, min(wanted, len(unlabelled)))
         if k < wanted:
             log.warning("stage 1: %d clusters asked for, %d unlabelled images: clustering into %d", wanted,

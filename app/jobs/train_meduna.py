@@ -96,8 +96,7 @@ async def _train(settings: Settings, label_set: str, images_dir: Path, out_dir: 
         result = trainer.train(features, labels, paths, out_dir / CHECKPOINTS, resume=resume, progress=progress)
         labelled = trainer.labelled_accuracy(images_dir, set(paths), result)
         manifest = build_manifest(runtime, head, config, result, labelled, len(paths), skipped)
-        tensors = {"adapter": result.adapter_weight, "prompt_tokens": result.prompt_tokens}
-        return TrainReport(out_dir, write_bundle(out_dir, tensors, manifest), skipped)
+        return TrainReport(out_dir, write_bundle(out_dir, bundle_tensors(result), manifest), skipped)
 
 
 @dataclass
@@ -281,6 +280,10 @@ def strong_view(preprocess: Callable, image: ImageStageConfig = ImageStageConfig
         transforms.ToTensor(),
         *([normalise] if normalise is not None else []),
     ])
+
+
+def bundle_tensors(result: TrainResult) -> dict[str, torch.Tensor]:
+    return {"adapter": result.adapter_weight, "prompt_tokens": result.prompt_tokens}
 
 
 def build_manifest(runtime: Runtime, head: ClassHead, config: MedUnAConfig, result: TrainResult,

@@ -92,7 +92,9 @@ def save_checkpoint(state: dict, path: Path) -> None:
 def latest_checkpoint(checkpoints: Path, fingerprint: str) -> dict | None:
     """The newest checkpoint of this very run (same model, label set, images and settings), or None."""
     others = []
-    for path in sorted(checkpoints.glob("epoch-*.pt"), reverse=True) + [checkpoints / "stage1.pt"]:
+    epochs = sorted((p for p in checkpoints.glob("epoch-*.pt") if p.stem[len("epoch-"):].isdigit()),
+                    key=lambda p: int(p.stem[len("epoch-"):]), reverse=True)
+    for path in epochs + [checkpoints / "stage1.pt"]:
         if path.is_file():
             state = torch.load(path, map_location="cpu", weights_only=False)   # resumable on another device
             if state.get("fingerprint") == fingerprint:

@@ -67,6 +67,8 @@ from app.methods.hica_config import AlignConfig, TuningConfig, TuningMode
 
 BUNDLE_FORMAT = "medzero-hica/1"
 LORA_A, LORA_B = ".lora_a", ".lora_b"      # suffixes of a LoRA factor's name after its weight's name
+MAX_LORA_RANK, MAX_LORA_ALPHA = 1024, 1e4
+MIN_TEMPERATURE = 1e-3                     # CLIP clamps its logit scale at 100 (τ 0.01); below this: saturation
 
 
 # --- losses ------------------------------------------------------------------------------------------------------
@@ -229,37 +231,54 @@ def tuned_weights(base: Mapping[str, torch.Tensor], trainable: Mapping[str, torc
     return weights
 
 
-def check_trainable(visual: nn.Module, trainable: Mapping[str, torch.Tensor], mode: TuningMode,
-                    lora_rank: int | None) -> None:
-    """InvalidAdapter unless `trainable` fits this tower: every name one of its parameters (or a LoRA pair of one),
-    every shape right, every value finite."""
+def served_weights(base: Mapping[str, torch.Tensor], trainable: Mapping[str, torch.Tensor], mode: TuningMode,
+                   lora_scale: float) -> dict[str, torch.Tensor]:
+    """The replacement weights the server swaps in: merged in float32 on the CPU, then placed on each loaded
+    parameter's device and dtype. InvalidAdapter when the merge is not finite (a huge alpha, say)."""
+    cpu_base = {name: base[name].detach().float().cpu() for name in _targets(trainable, mode)}
+    with torch.no_grad():
+        merged = tuned_weights(cpu_base, {k: v.float().cpu() for k, v in trainable.items()}, mode, lora_scale)
+    placed = {name: weight.to(base[name].device, base[name].dtype) for name, weight in merged.items()}
+    for name, weight in placed.items():
+        if not torch.isfinite(weight).all():
+            raise InvalidAdapter(f"the tuned weight {name} is not finite after the LoRA merge (lora_alpha / rank "
+                                 f"= {lora_scale:g}) at the model's precision")
+    return placed
+
+
+def _targets(trainable: Mapping[str, torch.Tensor], mode: TuningMode) -> list[str]:
+    return list(trainable) if mode == "blocks" else [n[:-len(LORA_A)] for n in trainable if n.endswith(LORA_A)]
+
+
+def check_trainable(visual: nn.Module, trainable: Mapping[str, torch.Tensor], mode: TuningMode, lora_rank: int,
+                    blocks: int) -> None:
+    """InvalidAdapter unless `trainable` is exactly what training with (mode, rank, blocks) gives this tower: the
+    same tensor names (LoRA pairs of the last blocks' attention weights, or every parameter of the last blocks),
+    each of the right shape and finite."""
+    try:
+        targets = tuned_parameter_names(visual, mode, blocks)
+    except (TypeError, ValueError) as exc:
+        raise InvalidAdapter(f"tuning does not fit this model's vision tower: {exc}") from exc
+    expected_names = targets if mode == "blocks" else [t + suffix for t in targets for suffix in (LORA_A, LORA_B)]
+    missing, extra = sorted(set(expected_names) - set(trainable)), sorted(set(trainable) - set(expected_names))
+    if missing or extra:
+        raise InvalidAdapter(f"the tower tensors do not fit {mode} tuning of the last {blocks} blocks of this "
+                             f"model's vision tower ({type(visual).__name__}): "
+                             + "; ".join(part for part in (missing and f"missing {', '.join(missing[:3])}",
+                                                           extra and f"no parameter for {', '.join(extra[:3])}")
+                                         if part))
     parameters = dict(visual.named_parameters())
     for name, tensor in trainable.items():
-        if not torch.isfinite(tensor).all():
-            raise InvalidAdapter(f"tower tensor {name} holds NaN or infinite values")
         if mode == "blocks":
-            expected = tuple(parameters[name].shape) if name in parameters else None
+            expected = tuple(parameters[name].shape)
         else:
-            weight, suffix = _lora_parts(name)
-            if weight not in parameters or parameters[weight].ndim != 2 or lora_rank is None:
-                expected = None
-            else:
-                out_features, in_features = parameters[weight].shape
-                expected = (lora_rank, in_features) if suffix == LORA_A else (out_features, lora_rank)
-                if (weight + (LORA_B if suffix == LORA_A else LORA_A)) not in trainable:
-                    raise InvalidAdapter(f"LoRA factor {name} has no partner")
-        if expected is None:
-            raise InvalidAdapter(f"tower tensor {name} is no parameter of this model's vision tower "
-                                 f"({type(visual).__name__})")
+            weight = parameters[name[:-len(LORA_A)]]    # both suffixes have the same length
+            out_features, in_features = weight.shape
+            expected = (lora_rank, in_features) if name.endswith(LORA_A) else (out_features, lora_rank)
         if tuple(tensor.shape) != expected:
             raise InvalidAdapter(f"tower tensor {name} has shape {tuple(tensor.shape)}; this model needs {expected}")
-
-
-def _lora_parts(name: str) -> tuple[str, str]:
-    for suffix in (LORA_A, LORA_B):
-        if name.endswith(suffix):
-            return name[:-len(suffix)], suffix
-    return name, ""
+        if not torch.isfinite(tensor).all():
+            raise InvalidAdapter(f"tower tensor {name} holds NaN or infinite values")
 
 
 # --- served state and method=hica --------------------------------------------------------------------------------
@@ -301,52 +320,55 @@ class HiCA:
     bundle_format = BUNDLE_FORMAT
 
     def __init__(self, visual: nn.Module) -> None:
-        self._visual = visual             # the served tower: its weights are the base LoRA updates add to
+        self._visual = visual
+        # the loaded weights LoRA updates add to, referenced now: during a tuned forward (on the encoder thread)
+        # the tower's own attributes are another adapter's tensors (app.encoders.tower_variants)
+        self._base = {name: p.detach() for name, p in visual.named_parameters()}
 
     def adapter(self, *, adapter_id: str, manifest: dict, class_embeddings: torch.Tensor,
                 text_projection: torch.Tensor, trainable: dict[str, torch.Tensor], temperature: float,
                 version: int = 0, created_at: datetime | None = None) -> HiCAAdapter:
         """The served state: the tower's replacement weights are built here, once per decoded state."""
         tuning = manifest["tuning"]
-        base = {name: p.detach() for name, p in self._visual.named_parameters()}
-        weights = tuned_weights(base, trainable, tuning["mode"], tuning["lora_alpha"] / tuning["lora_rank"])
+        weights = served_weights(self._base, trainable, tuning["mode"], tuning["lora_alpha"] / tuning["lora_rank"])
         return HiCAAdapter(adapter_id, manifest["label_set"], manifest["label_set_version"], manifest["model_id"],
                            tuple(manifest["class_names"]), class_embeddings, text_projection, trainable, temperature,
-                           TunedWeights({name: w.detach().clone() for name, w in weights.items()}), manifest,
-                           version, created_at)
+                           TunedWeights(weights), manifest, version, created_at)
 
     def from_bundle(self, tensors: dict[str, torch.Tensor], manifest: dict, head: ClassHead, adapter_id: str, *,
                     embed_dim: int, vision_width: int | None) -> HiCAAdapter:
         """A bundle's tensors checked against this model and label set (InvalidAdapter naming what is wrong); the
         manifest's identity fields were checked against the live label set already (AdapterService)."""
         tuning = manifest.get("tuning")
-        if not isinstance(tuning, dict) or tuning.get("mode") not in ("lora", "blocks") or not (
-                isinstance(tuning.get("lora_rank"), int) and tuning["lora_rank"] > 0
-                and isinstance(tuning.get("lora_alpha"), int | float)):
-            raise InvalidAdapter(f"manifest.json needs 'tuning' with mode lora|blocks, lora_rank and lora_alpha; "
-                                 f"got {tuning!r}")
+        if not (isinstance(tuning, dict) and tuning.get("mode") in ("lora", "blocks")
+                and _is_int(tuning.get("lora_rank"), 1, MAX_LORA_RANK) and _is_int(tuning.get("blocks"), 1, 1024)
+                and _is_number(tuning.get("lora_alpha"), 0, MAX_LORA_ALPHA)):
+            raise InvalidAdapter(f"manifest.json needs 'tuning' with mode lora|blocks, blocks >= 1, lora_rank in "
+                                 f"1..{MAX_LORA_RANK} and lora_alpha in (0, {MAX_LORA_ALPHA:g}]; got {tuning!r}")
         temperature = manifest.get("temperature")
-        if not isinstance(temperature, int | float) or not 0 < temperature < 100:
-            raise InvalidAdapter(f"manifest.json needs a positive 'temperature'; got {temperature!r}")
+        if not _is_number(temperature, MIN_TEMPERATURE, 100):
+            raise InvalidAdapter(f"manifest.json needs a 'temperature' in [{MIN_TEMPERATURE:g}, 100); got "
+                                 f"{temperature!r}")
         classes, projection = tensors.get("class_embeddings"), tensors.get("text_projection")
         if classes is None or projection is None:
             raise InvalidAdapter(f"a HiCA adapter.safetensors needs 'class_embeddings' and 'text_projection'; has "
                                  f"{sorted(tensors)[:8]}")
+        classes, projection = classes.float().contiguous(), projection.float().contiguous()
         if tuple(classes.shape) != (len(head.class_names), embed_dim) or tuple(projection.shape) != (embed_dim,
                                                                                                    embed_dim):
             raise InvalidAdapter(f"class embeddings {tuple(classes.shape)} / projection {tuple(projection.shape)}; "
                                  f"the label set and model need {(len(head.class_names), embed_dim)} / "
                                  f"{(embed_dim, embed_dim)}")
-        if not (torch.isfinite(classes).all() and torch.isfinite(projection).all()):
-            raise InvalidAdapter("adapter.safetensors holds NaN or infinite values")
+        if not (torch.isfinite(classes).all() and torch.isfinite(projection).all()) or not classes.norm(dim=-1).all():
+            raise InvalidAdapter("adapter.safetensors holds NaN, infinite or all-zero class embeddings")
         trainable = {name.removeprefix("tower."): value.float().contiguous() for name, value in tensors.items()
                      if name.startswith("tower.")}
         if not trainable:
             raise InvalidAdapter("a HiCA adapter.safetensors needs its tuned tower tensors ('tower.*')")
-        check_trainable(self._visual, trainable, tuning["mode"], tuning["lora_rank"])
+        check_trainable(self._visual, trainable, tuning["mode"], tuning["lora_rank"], tuning["blocks"])
         return self.adapter(adapter_id=adapter_id, manifest=manifest,
-                            class_embeddings=F.normalize(classes.float(), dim=-1).contiguous(),
-                            text_projection=projection.float().contiguous(), trainable=trainable,
+                            class_embeddings=F.normalize(classes, dim=-1), text_projection=projection,
+                            trainable=trainable,
                             temperature=float(temperature))
 
     def load_state(self, arrays: dict[str, np.ndarray], meta: dict, version: int,
@@ -372,3 +394,13 @@ class HiCA:
         similarities = F.normalize(image_features, dim=-1) @ adapter.class_embeddings.to(image_features.dtype).T
         return Scores(similarities / adapter.temperature, similarities,
                       details={"adapter_id": adapter.adapter_id, "adapter_version": adapter.version})
+
+
+def _is_int(value: object, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _is_number(value: object, low: float, high: float) -> bool:
+    """A finite number with low < value <= high (low itself allowed when it is not 0)."""
+    return (isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            and (low < value if low == 0 else low <= value) and value <= high)

@@ -155,6 +155,7 @@ class MedUnA:
         weight, prompts = tensors.get("adapter"), tensors.get("prompt_tokens")
         if weight is None or prompts is None:
             raise InvalidAdapter(f"{ADAPTER_FILE} needs tensors 'adapter' and 'prompt_tokens'; has {sorted(tensors)}")
+        weight, prompts = weight.float().contiguous(), prompts.float().contiguous()   # any stored dtype: checkable
         if tuple(weight.shape) != (len(head.class_names), embed_dim):
             raise InvalidAdapter(f"adapter shape {tuple(weight.shape)}; the label set and model need "
                                  f"{(len(head.class_names), embed_dim)}")
@@ -167,7 +168,7 @@ class MedUnA:
         if not (torch.isfinite(weight).all() and torch.isfinite(prompts).all()):
             raise InvalidAdapter(f"{ADAPTER_FILE} holds NaN or infinite values")
         return MedUnAAdapter(adapter_id, head.label_set, head.version, head.model_id, head.class_names,
-                             weight.float().contiguous(), prompts.float().contiguous(), manifest)
+                             weight, prompts, manifest)
 
     def load_state(self, arrays: dict[str, np.ndarray], meta: dict, version: int,
                    created_at: datetime) -> MedUnAAdapter:

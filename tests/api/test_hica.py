@@ -95,8 +95,12 @@ def test_hica_bundle_serves_beside_meduna_and_leaves_the_model_alone(client: Tes
     ({"class_names": ["pneumonia", "normal"]}, 409, "class_names"),
     ({"format": "medzero-meduna/1"}, 422, "format"),
     ({"method": "tip"}, 422, "method"),
-    ({"tuning": {"mode": "lora", "lora_rank": 8, "lora_alpha": 8.0}}, 422, "shape"),
+    ({"tuning": {"mode": "lora", "blocks": 2, "lora_rank": 8, "lora_alpha": 8.0}}, 422, "shape"),
+    ({"tuning": {"mode": "lora", "blocks": 1, "lora_rank": 4, "lora_alpha": 8.0}}, 422, "do not fit"),
+    ({"tuning": {"mode": "lora", "blocks": 2, "lora_rank": 4, "lora_alpha": float("nan")}}, 422, "lora_alpha"),
+    ({"tuning": {"mode": "lora", "blocks": 2, "lora_rank": 4, "lora_alpha": 1e38}}, 422, "lora_alpha"),
     ({"temperature": 0}, 422, "temperature"),
+    ({"temperature": 1e-30}, 422, "temperature"),
 ])
 def test_mismatched_hica_bundles_are_refused_with_nothing_loaded(client: TestClient, bundles: dict[str, Path],
                                                                  change: dict, status: int, field: str) -> None:
@@ -119,3 +123,9 @@ def test_tower_tensors_for_another_architecture_are_refused(client: TestClient, 
     refused = client.post("/adapters", files=files)
     assert refused.status_code == 422 and "resblocks.99" in refused.json()["error"]["message"]
     assert client.get("/adapters").json()["count"] == 0
+    float8 = {n: (v.to(torch.float8_e4m3fn) if n == "class_embeddings" else v) for n, v in tensors.items()}
+    save_file(float8, str(tmp_path / "adapter.safetensors"))         # an odd dtype: converted, never a 500
+    data = (tmp_path / "adapter.safetensors").read_bytes()
+    files = bundle_files(bundles["hica"], data,
+                         files={"adapter.safetensors": {"sha256": hashlib.sha256(data).hexdigest()}})
+    assert client.post("/adapters", files=files).status_code == 201

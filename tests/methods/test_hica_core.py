@@ -5,8 +5,10 @@ import math
 
 import pytest
 import torch
+from open_clip.transformer import VisionTransformer
 from torch import nn
 
+from app.encoders.tower_variants import TunedWeights
 from app.errors import AdapterNotFound, InvalidAdapter
 from app.jobs.train_hica import grid_tiles
 from app.methods.base import ClassHead
@@ -21,6 +23,7 @@ from app.methods.hica import (
     local_scores,
     project_text,
     prototype_separation,
+    served_weights,
     supervised_contrastive,
     tuned_weights,
 )
@@ -129,25 +132,43 @@ def test_grid_tiles_are_the_quadrants_in_reading_order() -> None:
     assert all(torch.all(t == t.flatten()[0]) for t in tiles)
 
 
+def test_bundle_tensors_must_be_what_training_gives_this_tower() -> None:
+    tower = VisionTransformer(image_size=16, patch_size=8, width=8, layers=2, heads=2, mlp_ratio=2, output_dim=4)
+    last = "transformer.resblocks.1.attn"
+    good = {f"{last}.in_proj_weight.lora_a": torch.zeros(4, 8), f"{last}.in_proj_weight.lora_b": torch.zeros(24, 4),
+            f"{last}.out_proj.weight.lora_a": torch.zeros(4, 8), f"{last}.out_proj.weight.lora_b": torch.zeros(8, 4)}
+    check_trainable(tower, good, "lora", 4, 1)
+    without_pair = {k: v for k, v in good.items() if not k.endswith("out_proj.weight.lora_b")}
+    for bad, rank, blocks, message in (
+            (without_pair, 4, 1, "missing transformer.resblocks.1.attn.out_proj.weight.lora_b"),
+            (good, 4, 2, "missing transformer.resblocks.0"),                 # trained on one block, not two
+            ({**good, "proj.lora_a": torch.zeros(4, 8), "proj.lora_b": torch.zeros(4, 4)}, 4, 1,
+             "no parameter for proj.lora_a"),                                  # a 2-D weight outside the blocks
+            ({**good, f"{last}.in_proj_weight.lora_a": torch.zeros(4, 5)}, 4, 1, "shape"),
+            (good, 8, 1, "shape"),                                             # the manifest's rank disagrees
+            ({**good, f"{last}.out_proj.weight.lora_b": torch.full((8, 4), math.nan)}, 4, 1, "NaN"),
+            (good, 4, 3, "has 2 transformer blocks")):
+        with pytest.raises(InvalidAdapter, match=message):
+            check_trainable(tower, bad, "lora", rank, blocks)
+    block = {n: p.detach().clone() for n, p in tower.named_parameters() if n.startswith("transformer.resblocks.1.")}
+    check_trainable(tower, block, "blocks", 4, 1)
+    with pytest.raises(InvalidAdapter, match="no parameter for conv1.weight"):
+        check_trainable(tower, {**block, "conv1.weight": tower.conv1.weight.detach()}, "blocks", 4, 1)
+
+
 class Tower(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.attn = nn.Linear(3, 2, bias=False)
 
 
-def test_bundle_tensors_must_fit_the_tower() -> None:
-    tower = Tower()
-    good = {"attn.weight.lora_a": torch.zeros(4, 3), "attn.weight.lora_b": torch.zeros(2, 4)}
-    check_trainable(tower, good, "lora", 4)
-    for bad, message in (({"attn.weight.lora_a": torch.zeros(4, 3)}, "no partner"),
-                         ({**good, "attn.weight.lora_a": torch.zeros(4, 5)}, "shape"),
-                         ({"other.weight.lora_a": torch.zeros(4, 3), "other.weight.lora_b": torch.zeros(2, 4)},
-                          "no parameter"),
-                         ({**good, "attn.weight.lora_b": torch.full((2, 4), math.nan)}, "NaN")):
-        with pytest.raises(InvalidAdapter, match=message):
-            check_trainable(tower, bad, "lora", 4)
-    with pytest.raises(InvalidAdapter, match="shape"):
-        check_trainable(tower, {"attn.weight": torch.zeros(3, 2)}, "blocks", None)
+def test_served_lora_weights_are_merged_on_the_cpu_and_placed_like_the_loaded_ones() -> None:
+    base = {"attn.weight": torch.ones(2, 3, dtype=torch.float16)}
+    lora = {"attn.weight.lora_a": torch.tensor([[1.0, 2.0, 3.0]]), "attn.weight.lora_b": torch.tensor([[1.0], [0.0]])}
+    [(name, weight)] = served_weights(base, lora, "lora", 0.5).items()
+    assert weight.dtype == torch.float16 and torch.equal(weight.float(), torch.tensor([[1.5, 2, 2.5], [1, 1, 1]]))
+    with pytest.raises(InvalidAdapter, match="not finite"):
+        served_weights(base, lora, "lora", 1e38)
 
 
 def test_method_scores_with_the_bundle_temperature_and_refuses_without_one() -> None:
@@ -164,3 +185,28 @@ def test_method_scores_with_the_bundle_temperature_and_refuses_without_one() -> 
     assert torch.equal(adapter.tower_variant.weights["attn.weight"], torch.ones(2, 3))
     with pytest.raises(AdapterNotFound, match="medzero train hica --label-set pneumonia"):
         hica.score(IMAGES[:1], head, None, logit_scale=100.0)
+
+
+def test_a_state_decoded_during_another_adapters_forward_merges_onto_the_loaded_weights() -> None:
+    """While a tuned forward runs, the tower's attributes are that adapter's tensors; HiCA decodes a state on a
+    request thread meanwhile, so it must merge onto the weights it referenced at start, not whatever is there."""
+    tower = VisionTransformer(image_size=16, patch_size=8, width=8, layers=2, heads=2, mlp_ratio=2, output_dim=4)
+    hica = HiCA(tower)
+    name = "transformer.resblocks.1.attn.out_proj.weight"
+    loaded = tower.get_parameter(name).detach().clone()
+    lora = {name + ".lora_a": torch.ones(4, 8), name + ".lora_b": torch.full((8, 4), 0.25)}
+    manifest = {"label_set": "x", "label_set_version": 1, "model_id": "m", "class_names": ["a", "b"],
+                "tuning": {"mode": "lora", "blocks": 1, "lora_rank": 4, "lora_alpha": 4.0}}
+
+    def decode():
+        return hica.adapter(adapter_id="b", manifest=manifest, class_embeddings=CLASS_TEXT,
+                            text_projection=torch.zeros(2, 2), trainable=lora, temperature=0.5)
+
+    other = TunedWeights({name: torch.full_like(loaded, 9.0)})      # adapter A, running now
+    decoded = []
+    hook = tower.transformer.resblocks[1].register_forward_pre_hook(lambda *_: decoded.append(decode()))
+    try:
+        other.image_features(tower, torch.zeros(1, 3, 16, 16))
+    finally:
+        hook.remove()
+    assert torch.allclose(decoded[0].tower_variant.weights[name], loaded + 1.0)      # W + (4/4) · B A, B A = 1
