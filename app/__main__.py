@@ -8,6 +8,7 @@
     medzero calibrate --label-set NAME --data DIR --method M temperature + conformal prediction sets
     medzero train meduna --label-set NAME --images DIR --out DIR   MedUnA adapter + prompt tokens, offline
     medzero train hica --label-set NAME --shots DIR --out DIR      HiCA few-shot adaptation, offline
+    medzero keys create --name NAME --scope classify|admin | list | revoke ID     API keys (hashed in the database)
 """
 import argparse
 import json
@@ -33,7 +34,7 @@ COMMAND_ARGUMENTS = {"command", "kb_command", "kpl_command", "label_set", "n_per
                      "shots", "shots_per_class", "tuning", "tuned_blocks", "lora_rank", "lora_alpha", "text_lr",
                      "clusters_per_class", "clusters", "pre_epochs", "cluster_temperature", "text_temperature",
                      "global_weight", "local_weight", "cross_weight", "global_temperature", "local_temperature",
-                     "margin", "grid"}
+                     "margin", "grid", "keys_command", "name", "scope", "key_id"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,6 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
     meduna.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_model_arguments(meduna)
     add_hica_parser(train_commands)
+
+    keys = commands.add_parser("keys", help="API keys: create (shown once), list, revoke")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    create = key_commands.add_parser("create", help="a new key; prints it once (only its hash is stored)")
+    create.add_argument("--name", required=True, help="who or what uses it, e.g. 'pacs-gateway'")
+    create.add_argument("--scope", required=True, choices=["classify", "admin"],
+                        help="classify: classify and read results; admin: also label sets, adapters, fits, routes")
+    list_keys = key_commands.add_parser("list", help="every key: id, name, scope, created, revoked")
+    revoke = key_commands.add_parser("revoke", help="revoke a key at once (its id, from `keys list`)")
+    revoke.add_argument("key_id", metavar="ID")
+    for sub in (create, list_keys, revoke):
+        sub.add_argument("--data-dir", help="where the database lives (MEDZERO_DATA_DIR)")
     return parser
 
 
@@ -246,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
         return serve_forever(settings)
+    if args.command == "keys":
+        return manage_keys(settings, args)
     progress = not args.no_progress
     try:
         if args.command == "kb" and args.kb_command == "build":
@@ -401,6 +416,29 @@ def render_hica(report) -> str:
     return "\n".join(lines)
 
 
+def manage_keys(settings: Settings, args: argparse.Namespace) -> int:
+    from app.storage.api_keys import ApiKeyRepository
+    from app.storage.db import create_db_engine
+    keys = ApiKeyRepository(create_db_engine(settings.resolved_database_url,
+                                             busy_timeout_ms=settings.db_busy_timeout_ms))
+    try:
+        if args.keys_command == "create":
+            key, token = keys.create(args.name, args.scope)
+            print(f"created key {key.id} ({key.name}, scope {args.scope}); it is shown only now:\n{token}")
+        elif args.keys_command == "list":
+            print("id | name | scope | created | revoked\n---|---|---|---|---")
+            for key in keys.list():
+                print(f"{key.id} | {key.name} | {','.join(key.scopes)} | {key.created_at:%Y-%m-%d %H:%M} | "
+                      f"{f'{key.revoked_at:%Y-%m-%d %H:%M}' if key.revoked_at else '-'}")
+        else:
+            key = keys.revoke(args.key_id)
+            print(f"revoked key {key.id} ({key.name})")
+    except MedzeroError as exc:
+        print(f"medzero keys {args.keys_command}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def render_calibration(report) -> str:
     c = report.calibration
     before, after, sets = c.report["before"], c.report["after"], c.report["prediction_sets"]
@@ -425,6 +463,7 @@ def render_calibration(report) -> str:
 def serve_forever(settings: Settings) -> int:
     import uvicorn
 
+    from app.logs import logging_config
     from app.main import create_app
 
     failure: list[MedzeroError] = []
@@ -435,6 +474,7 @@ def serve_forever(settings: Settings) -> int:
 
     app = create_app(settings, on_startup_failure=stop_on_failure)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            log_config=logging_config(settings.log_level, settings.log_format),
                             timeout_graceful_shutdown=30)
     server = uvicorn.Server(config)
     server.run()

@@ -3,8 +3,10 @@
 MedzeroError
  ├── BadRequest (400)
  │    └── LLMNotConfigured         MEDZERO_LLM_URL / MEDZERO_LLM_MODEL unset or unusable
- ├── Unauthorized (401)           admin route without the right X-API-Key
+ ├── Unauthorized (401)           no API key, or one that is unknown, malformed or revoked
+ ├── Forbidden (403)              an API key without the scope the route needs (classify < admin)
  ├── NotFound (404)
+ │    ├── ApiKeyNotFound           `medzero keys revoke` of an id that does not exist
  │    ├── LabelSetNotFound
  │    ├── KPLFitNotFound
  │    ├── CalibrationNotFound      no current calibration of that method (medzero calibrate makes one)
@@ -65,8 +67,16 @@ class Unauthorized(MedzeroError):
     status_code, code = 401, "unauthorized"
 
 
+class Forbidden(MedzeroError):
+    status_code, code = 403, "forbidden"
+
+
 class NotFound(MedzeroError):
     status_code, code = 404, "not_found"
+
+
+class ApiKeyNotFound(NotFound):
+    code = "api_key_not_found"
 
 
 class LabelSetNotFound(NotFound):

@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import metrics
+from app.api.deps import ClassifyDep
 from app.api.routes import (
     adapters,
     calibration,
@@ -30,6 +31,7 @@ from app.api.routes import (
     support,
 )
 from app.errors import MedzeroError, Overloaded, PayloadTooLarge
+from app.logs import RequestContext
 from app.runtime import Runtime
 from app.settings import Settings
 
@@ -54,16 +56,10 @@ def create_app(settings: Settings, *, on_startup_failure: Callable[[MedzeroError
 
     app = FastAPI(title="medzero", version="0.1.0", lifespan=lifespan,
                   description="Training-free, zero-shot medical image classification with CLIP-family encoders.")
-    app.include_router(health.router)
-    app.include_router(labels.router)
-    app.include_router(classify.router)
-    app.include_router(kpl.router)
-    app.include_router(calibration.router)
-    app.include_router(adapters.router)
-    app.include_router(support.router)
-    app.include_router(dicomweb.router)
-    app.include_router(results.router)
-    app.include_router(routing.router)
+    app.include_router(health.router)            # health, readiness and /metrics: no key (probes, scrapers)
+    for router in (labels.router, classify.router, kpl.router, calibration.router, adapters.router, support.router,
+                   dicomweb.router, results.router, routing.router):
+        app.include_router(router, dependencies=[ClassifyDep])   # admin routes add AdminDep themselves
     app.add_exception_handler(MedzeroError, medzero_error_response)
     app.add_exception_handler(RequestValidationError, validation_error_response)
     app.add_exception_handler(HTTPException, http_error_response)
@@ -71,6 +67,7 @@ def create_app(settings: Settings, *, on_startup_failure: Callable[[MedzeroError
     app.add_middleware(BodySizeLimit, limit_for_path=lambda path: body_limit(settings, path))
     app.add_middleware(BatchBodyAdmission)
     app.add_middleware(RequestMetrics)
+    app.add_middleware(RequestContext)        # outermost: every answer, refusals included, has its request id
     return app
 
 

@@ -41,6 +41,7 @@ from app.services.label_sets import LabelSetService
 from app.services.routing import RoutingService
 from app.services.support_sets import SupportSetService
 from app.settings import Settings
+from app.storage.api_keys import ApiKeyRepository
 from app.storage.db import create_db_engine
 from app.storage.deliveries import DeliveryRepository
 from app.storage.inbox import InboxRepository
@@ -100,6 +101,7 @@ class Runtime:
         self.repository = LabelSetRepository(self.engine)
         self.states = MethodStateRepository(self.engine)
         self.inbox = InboxRepository(self.engine)
+        self.api_keys = ApiKeyRepository(self.engine)
         self._workers: list[asyncio.Task] = []
         self._scp: StoreSCP | None = None
         self.admission = Admission(settings.max_in_flight_images, settings.max_concurrent_batch_bodies)

@@ -31,6 +31,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "text"] = "json"   # `medzero serve`: one JSON object per line, or readable text
     data_dir: Path = Path("data")
     database_url: str | None = None            # SQLAlchemy URL; default sqlite:///<data_dir>/medzero.db
     db_busy_timeout_ms: int = Field(5000, ge=0)   # SQLite: how long a write waits for another writer; then 503
@@ -107,7 +108,10 @@ class Settings(BaseSettings):
     # decisions: below a label set's abstain_threshold the decision is 'uncertain'; "prediction_set" also answers
     # 'uncertain' unless a calibrated method's prediction set is a single class
     decision_rule: Literal["threshold", "prediction_set"] = "threshold"
-    admin_api_key: str | None = None           # when set, admin routes (label-set and fit writes) need X-API-Key
+    # access: "keys" (the default outside --demo) needs an API key (`medzero keys create`) on every route but
+    # health, readiness and /metrics; "off" (the default with --demo) leaves them open
+    auth: Literal["keys", "off"] | None = None
+    admin_api_key: str | None = None           # an admin key from the environment, beside the stored ones
 
     # metrics: label values come from closed sets; these label sets' names and classes are exported as they are
     metrics_label_sets: Annotated[list[str], NoDecode] = Field(default_factory=list, max_length=32)
@@ -167,6 +171,10 @@ class Settings(BaseSettings):
     @property
     def resolved_adapters_dir(self) -> Path:
         return self.adapters_dir or self.data_dir / "adapters"
+
+    @property
+    def auth_mode(self) -> Literal["keys", "off"]:
+        return self.auth or ("off" if self.demo else "keys")
 
     @property
     def resolved_database_url(self) -> str:

@@ -146,7 +146,8 @@ def server_env(args: argparse.Namespace, data_dir: Path, port: int) -> dict[str,
     env = {**os.environ, "MEDZERO_HOST": "127.0.0.1", "MEDZERO_PORT": str(port), "MEDZERO_DATA_DIR": str(data_dir),
            "MEDZERO_MODEL_NAME": args.model_name, "MEDZERO_PRECISION": args.precision,
            "MEDZERO_DEVICE": args.device, "MEDZERO_MAX_BATCH_SIZE": str(args.batch_size),
-           "MEDZERO_LOG_LEVEL": "warning"}   # no access log line per request
+           "MEDZERO_LOG_LEVEL": "warning",   # no access log line per request
+           "MEDZERO_AUTH": "off"}            # a throwaway server on loopback: no keys to provision
     env.pop("MEDZERO_DEMO", None)
     if args.pretrained:
         env["MEDZERO_PRETRAINED"] = args.pretrained

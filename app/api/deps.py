@@ -1,12 +1,31 @@
-"""Annotated dependencies shared by the routers."""
+"""Annotated dependencies shared by the routers, and access control.
+
+Every route but health, readiness and /metrics needs an API key when MEDZERO_AUTH is "keys" (the default outside
+--demo): `Authorization: Bearer mzk_…` or `X-API-Key: mzk_…`. A key has scope classify (classify, read results
+and state) or admin (everything, including label sets, adapters, fits, routes and retries). Missing, malformed,
+unknown or revoked -> 401; a classify key on an admin route -> 403. MEDZERO_ADMIN_API_KEY is one more admin key,
+from the environment; with MEDZERO_AUTH=off it still guards the admin routes when set.
+"""
 import secrets
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 
-from app.errors import Unauthorized
+from app.errors import Forbidden, Unauthorized
+from app.logs import AUDIT_STATE
 from app.runtime import Runtime
 from app.settings import Settings
+from app.storage.api_keys import ApiKey, Scope
+
+ENVIRONMENT_KEY = ApiKey("environment", "MEDZERO_ADMIN_API_KEY", ("admin",), created_at=None)
+ANONYMOUS = ApiKey("-", "no key (MEDZERO_AUTH=off)", ("admin",), created_at=None)
+_HOW = "send an API key as `Authorization: Bearer <key>` or `X-API-Key: <key>` (`medzero keys create`)"
+
+bearer_scheme = HTTPBearer(auto_error=False, scheme_name="bearer", description="An API key: `mzk_…`.")
+header_scheme = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="apiKey",
+                             description="The same API key in a header.")
 
 
 def get_runtime(request: Request) -> Runtime:
@@ -17,13 +36,42 @@ def get_settings(request: Request) -> Settings:
     return request.app.state.runtime.settings
 
 
-def require_admin(request: Request, x_api_key: Annotated[str | None, Header()] = None) -> None:
-    """Admin routes: open when MEDZERO_ADMIN_API_KEY is unset, else the X-API-Key header must match it."""
-    expected = request.app.state.runtime.settings.admin_api_key
-    if expected and not (x_api_key and secrets.compare_digest(x_api_key, expected)):
-        raise Unauthorized("this route needs the X-API-Key header matching MEDZERO_ADMIN_API_KEY")
+def requires(scope: Scope):
+    async def authorize(request: Request,
+                        bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+                        header: Annotated[str | None, Depends(header_scheme)]) -> ApiKey | None:
+        """The key the request is made with (None with MEDZERO_AUTH=off), also on request.state.api_key."""
+        runtime: Runtime = request.app.state.runtime
+        token = header or (bearer.credentials if bearer is not None else None)
+        key = await _key_for(runtime, token, scope)
+        request.state.api_key = key
+        if scope == "admin":                  # RequestContext writes the audit record when the answer starts
+            setattr(request.state, AUDIT_STATE, key or ANONYMOUS)
+        return key
+
+    return authorize
+
+
+async def _key_for(runtime: Runtime, token: str | None, scope: Scope) -> ApiKey | None:
+    settings = runtime.settings
+    environment_key = settings.admin_api_key
+    if token and environment_key and secrets.compare_digest(token.encode(), environment_key.encode()):
+        return ENVIRONMENT_KEY
+    if settings.auth_mode == "off":
+        if scope == "admin" and environment_key:
+            raise Unauthorized(f"this route needs the admin key (MEDZERO_ADMIN_API_KEY); {_HOW}")
+        return None
+    if not token:
+        raise Unauthorized(f"this route needs an API key; {_HOW}")
+    key = await run_in_threadpool(runtime.api_keys.authenticate, token)
+    if key is None:
+        raise Unauthorized("the API key is unknown, malformed or revoked")
+    if not key.allows(scope):
+        raise Forbidden(f"API key {key.id} ({key.name}) has scope {', '.join(key.scopes)}; this route needs {scope}")
+    return key
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-AdminDep = Depends(require_admin)
+ClassifyDep = Depends(requires("classify"))
+AdminDep = Depends(requires("admin"))

@@ -165,6 +165,18 @@ class RoutingRow(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class ApiKeyRow(Base):
+    """An API key: its public id and the sha256 of its secret, never the secret itself (`medzero keys`)."""
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)     # the key's public part, "mzk_<id>_..."
+    name: Mapped[str] = mapped_column(String(128))
+    scopes: Mapped[list] = mapped_column(JSON)                        # ["classify"] or ["admin"]
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
 class MetaRow(Base):
     __tablename__ = "meta"
 

@@ -1,5 +1,6 @@
 """The `medzero` command as a user runs it: a real uvicorn process over real HTTP (and a raw socket where the
 wire itself is the point)."""
+import json
 import os
 import select
 import signal
@@ -143,3 +144,27 @@ def test_bad_configuration_is_one_clear_error(tmp_path: Path) -> None:
     env = {**os.environ, "MEDZERO_PORT": "not-a-port", "MEDZERO_DATA_DIR": str(tmp_path)}
     finished = subprocess.run([sys.executable, "-m", "app", "serve"], env=env, capture_output=True, timeout=60)
     assert finished.returncode == 2 and "port" in finished.stderr.decode() and "Traceback" not in finished.stderr.decode()
+
+
+def test_logs_are_json_lines_with_request_ids_and_an_audit_trail(tmp_path: Path) -> None:
+    """`medzero serve` logs one JSON object per line; every request's lines carry the id its response names, and
+    an admin write leaves an audit record naming the key (never the key itself)."""
+    with serving(tmp_path, MEDZERO_LOG_LEVEL="info", MEDZERO_AUTH="keys",
+                 MEDZERO_ADMIN_API_KEY="env-admin-secret") as (server, base, _):
+        body = {"name": "knee", "modality": "xray", "classes": [{"name": "normal"}, {"name": "arthritis"}]}
+        created = httpx.post(f"{base}/labels", json=body, headers={"X-API-Key": "env-admin-secret",
+                                                                   "X-Request-ID": "ticket-4711"}, timeout=60)
+        assert created.status_code == 201 and created.headers["x-request-id"] == "ticket-4711"
+        refused = httpx.get(f"{base}/labels", timeout=30)
+        assert refused.status_code == 401 and len(refused.headers["x-request-id"]) == 32
+        time.sleep(0.5)
+    text = (tmp_path / "server.log").read_text()
+    entries = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    assert entries and all({"time", "level", "logger", "message", "request_id"} <= set(e) for e in entries)
+    audit = [e for e in entries if e["logger"] == "medzero.audit"]
+    assert len(audit) == 1 and audit[0]["request_id"] == "ticket-4711"
+    assert audit[0]["audit"] == {"key_id": "environment", "key_name": "MEDZERO_ADMIN_API_KEY", "method": "POST",
+                                 "path": "/labels", "status": 201}
+    access = [e for e in entries if e["logger"] == "uvicorn.access"]
+    assert any(e["request_id"] == "ticket-4711" for e in access)
+    assert "env-admin-secret" not in text
