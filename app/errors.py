@@ -20,6 +20,7 @@ MedzeroError
  │    └── AdapterMismatch          a bundle for another model, label-set version, class order or corpus
  ├── PayloadTooLarge (413)
  │    └── ImageTooLarge            decoded pixel count over the limit (decompression bombs)
+ ├── RequestTimeout (408)          the request body did not arrive within MEDZERO_REQUEST_TIMEOUT_SECONDS
  ├── UnsupportedMediaType (415)
  ├── InvalidAdapter (422)         a bundle that is not one (missing files, bad manifest, hash or shapes)
  ├── InvalidInput (422)
@@ -31,10 +32,12 @@ MedzeroError
  │    ├── UnknownMethod
  │    ├── InvalidLabelSet          also: a label set whose prompts cost more text encodings than allowed
  │    └── UnusableBatch            a transductive batch with files that cannot be used (all or nothing)
+ ├── RateLimited (429, Retry-After) an API key past MEDZERO_RATE_LIMIT_PER_MINUTE
  ├── Overloaded (503, Retry-After) no permits left for the request's images, or too many batch bodies
  ├── NotReady (503, Retry-After)  loading, stopping, or the encoder's batching task died
  ├── EncoderTimeout (503, Retry-After)  a forward did not answer within MEDZERO_ENCODE_TIMEOUT_SECONDS
  ├── StoreBusy (503, Retry-After) the database stayed locked by another writer past its busy timeout
+ ├── ProcessingTimeout (503, Retry-After)  the answer was not ready within MEDZERO_REQUEST_TIMEOUT_SECONDS
  ├── ModelLoadError (500)         raised at start-up; the CLI prints it and exits
  ├── LLMUnavailable (502)         the LLM endpoint is down, refused, or gave no completion
  ├── DeliveryFailed (502)         a result's SR or webhook was not accepted (kept for retry, never an HTTP answer)
@@ -171,6 +174,18 @@ class UnusableBatch(InvalidInput):
     code = "unusable_batch"
 
 
+class RequestTimeout(MedzeroError):
+    status_code, code = 408, "request_timeout"
+
+
+class RateLimited(MedzeroError):
+    status_code, code = 429, "rate_limited"
+
+    def __init__(self, message: str, retry_after_seconds: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+
 class Overloaded(MedzeroError):
     status_code, code = 503, "overloaded"
     retry_after_seconds = 1
@@ -189,6 +204,11 @@ class EncoderTimeout(MedzeroError):
 class StoreBusy(MedzeroError):
     status_code, code = 503, "store_busy"
     retry_after_seconds = 1
+
+
+class ProcessingTimeout(MedzeroError):
+    status_code, code = 503, "processing_timeout"
+    retry_after_seconds = 5
 
 
 class ModelLoadError(MedzeroError):

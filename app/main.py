@@ -12,12 +12,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import metrics
 from app.api.deps import ClassifyDep
+from app.api.limits import RateLimiter, RequestTimeLimit
 from app.api.routes import (
     adapters,
     calibration,
@@ -56,6 +58,7 @@ def create_app(settings: Settings, *, on_startup_failure: Callable[[MedzeroError
 
     app = FastAPI(title="medzero", version="0.1.0", lifespan=lifespan,
                   description="Training-free, zero-shot medical image classification with CLIP-family encoders.")
+    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute, settings.resolved_rate_limit_burst)
     app.include_router(health.router)            # health, readiness and /metrics: no key (probes, scrapers)
     for router in (labels.router, classify.router, kpl.router, calibration.router, adapters.router, support.router,
                    dicomweb.router, results.router, routing.router):
@@ -66,9 +69,22 @@ def create_app(settings: Settings, *, on_startup_failure: Callable[[MedzeroError
     app.add_exception_handler(Exception, unexpected_error_response)
     app.add_middleware(BodySizeLimit, limit_for_path=lambda path: body_limit(settings, path))
     app.add_middleware(BatchBodyAdmission)
+    app.add_middleware(RequestTimeLimit, limit_for_path=lambda path: time_limit(settings, path),
+                       respond=medzero_error_response_for)
     app.add_middleware(RequestMetrics)
+    if settings.cors_origins:                 # off unless origins are named: browsers get no CORS headers
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=False,
+                           allow_methods=["GET", "POST", "PUT", "DELETE"],
+                           allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID"],
+                           expose_headers=["X-Request-ID", "Retry-After"])
     app.add_middleware(RequestContext)        # outermost: every answer, refusals included, has its request id
     return app
+
+
+def time_limit(settings: Settings, path: str) -> float:
+    if KPL_FIT_PATH.match(path) or path.rstrip("/") == "/adapters":
+        return settings.job_request_timeout_seconds
+    return settings.request_timeout_seconds
 
 
 def body_limit(settings: Settings, path: str) -> int:

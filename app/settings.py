@@ -112,6 +112,16 @@ class Settings(BaseSettings):
     # health, readiness and /metrics; "off" (the default with --demo) leaves them open
     auth: Literal["keys", "off"] | None = None
     admin_api_key: str | None = None           # an admin key from the environment, beside the stored ones
+    # requests per minute one API key may make, per replica; then 429 + Retry-After (MEDZERO_AUTH=off: no keys, no
+    # limit). Bursts up to rate_limit_burst (default: a tenth of a minute's worth, at least 10). 0: no limit
+    rate_limit_per_minute: int = Field(1200, ge=0)
+    rate_limit_burst: int | None = Field(None, ge=1)
+    # the longest a request may take, body included: a body still arriving then gets 408, an answer not ready 503.
+    # Pool uploads that fit or store state (KPL fits, support sets, adapter bundles) get the longer job limit
+    request_timeout_seconds: float = Field(120.0, gt=0)
+    job_request_timeout_seconds: float = Field(1800.0, gt=0)
+    # browsers: origins allowed to call the API cross-origin (CORS); empty, the default: no CORS headers at all
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # metrics: label values come from closed sets; these label sets' names and classes are exported as they are
     metrics_label_sets: Annotated[list[str], NoDecode] = Field(default_factory=list, max_length=32)
@@ -123,7 +133,7 @@ class Settings(BaseSettings):
     llm_timeout_seconds: float = Field(60.0, gt=0)
     llm_max_retries: int = Field(4, ge=0)
 
-    @field_validator("metrics_label_sets", "dicom_allowed_ae_titles", mode="before")
+    @field_validator("metrics_label_sets", "dicom_allowed_ae_titles", "cors_origins", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):
@@ -171,6 +181,10 @@ class Settings(BaseSettings):
     @property
     def resolved_adapters_dir(self) -> Path:
         return self.adapters_dir or self.data_dir / "adapters"
+
+    @property
+    def resolved_rate_limit_burst(self) -> int:
+        return self.rate_limit_burst or max(10, self.rate_limit_per_minute // 10)
 
     @property
     def auth_mode(self) -> Literal["keys", "off"]:

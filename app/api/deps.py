@@ -3,7 +3,7 @@
 Every route but health, readiness and /metrics needs an API key when MEDZERO_AUTH is "keys" (the default outside
 --demo): `Authorization: Bearer mzk_…` or `X-API-Key: mzk_…`. A key has scope classify (classify, read results
 and state) or admin (everything, including label sets, adapters, fits, routes and retries). Missing, malformed,
-unknown or revoked -> 401; a classify key on an admin route -> 403. MEDZERO_ADMIN_API_KEY is one more admin key,
+unknown or revoked -> 401; a classify key on an admin route -> 403; a key past its rate -> 429 (app.api.limits). MEDZERO_ADMIN_API_KEY is one more admin key,
 from the environment; with MEDZERO_AUTH=off it still guards the admin routes when set.
 """
 import secrets
@@ -44,6 +44,9 @@ def requires(scope: Scope):
         runtime: Runtime = request.app.state.runtime
         token = header or (bearer.credentials if bearer is not None else None)
         key = await _key_for(runtime, token, scope)
+        if key is not None and not getattr(request.state, "rate_counted", False):   # admin routes check twice
+            request.state.rate_counted = True
+            request.app.state.rate_limiter.take(key.id)
         request.state.api_key = key
         if scope == "admin":                  # RequestContext writes the audit record when the answer starts
             setattr(request.state, AUDIT_STATE, key or ANONYMOUS)
