@@ -25,8 +25,8 @@ from app.errors import MedzeroError, NotReady
 from app.knowledge.knowledge_base import KnowledgeBase
 from app.methods.base import Method
 from app.methods.fewshot import FewShot, FewShotConfig
-from app.methods.kpl import KPL, KPLConfig
 from app.methods.hica import HiCA
+from app.methods.kpl import KPL, KPLConfig
 from app.methods.meduna import MedUnA
 from app.methods.zero_shot import ZeroShot
 from app.services.adapters import AdapterService
@@ -100,7 +100,7 @@ class Runtime:
         self.engine = create_db_engine(settings.resolved_database_url, busy_timeout_ms=settings.db_busy_timeout_ms)
         self.repository = LabelSetRepository(self.engine)
         self.states = MethodStateRepository(self.engine)
-        self.inbox = InboxRepository(self.engine)
+        self.inbox = InboxRepository(self.engine, owner=settings.resolved_replica_id)
         self.api_keys = ApiKeyRepository(self.engine)
         self._workers: list[asyncio.Task] = []
         self._scp: StoreSCP | None = None
@@ -306,7 +306,8 @@ class Runtime:
             log.info("adapters: %d bundles under %s", len(loaded), settings.resolved_adapters_dir)
         routing = RoutingService(RouteRepository(self.engine), settings.dicom_routes_file)
         routing.load()
-        deliveries = DeliveryService(DeliveryRepository(self.engine), self.inbox, settings,
+        deliveries = DeliveryService(DeliveryRepository(self.engine, owner=settings.resolved_replica_id), self.inbox,
+                                     settings,
                                      pretrained_weights=lambda: encoder.has_pretrained_weights,
                                      software_version=__version__)
         ingest = IngestService(self.inbox, routing, classifier, deliveries=delivery_targets(settings),

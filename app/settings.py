@@ -2,6 +2,7 @@
 
 Built once (by the CLI, a job, or a test) and passed down; nothing else in medzero reads os.environ.
 """
+import socket
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -35,6 +36,9 @@ class Settings(BaseSettings):
     data_dir: Path = Path("data")
     database_url: str | None = None            # SQLAlchemy URL; default sqlite:///<data_dir>/medzero.db
     db_busy_timeout_ms: int = Field(5000, ge=0)   # SQLite: how long a write waits for another writer; then 503
+    # this replica's stable name among those sharing one database (on its DICOM queue leases); default host:port,
+    # which a restarted container keeps. Two replicas must never share one
+    replica_id: str | None = Field(None, min_length=1, max_length=128)
 
     # model: any open_clip id, untouched
     model_name: str = DEFAULT_MODEL_NAME       # built-in name, hf-hub:org/repo, or local-dir:/path
@@ -189,6 +193,10 @@ class Settings(BaseSettings):
     @property
     def auth_mode(self) -> Literal["keys", "off"]:
         return self.auth or ("off" if self.demo else "keys")
+
+    @property
+    def resolved_replica_id(self) -> str:
+        return self.replica_id or f"{socket.gethostname()}:{self.port}"
 
     @property
     def resolved_database_url(self) -> str:

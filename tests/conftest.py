@@ -99,3 +99,24 @@ def wait_ready(base_url: str, process: subprocess.Popen, timeout_seconds: float)
 
 def server_env(data_dir: Path, port: int, **extra: str) -> dict[str, str]:
     return {**os.environ, **tiny_model_env(data_dir), "MEDZERO_PORT": str(port), **extra}
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One real PostgreSQL server for the whole run (tests.postgres); each test makes its own database on it.
+    Skips where Debian's postgresql package is missing, except under CI, which installs it (.ci/run)."""
+    from tests.postgres import postgres_bin, postgres_server
+    if postgres_bin() is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is not installed; .ci/run installs Debian's postgresql package")
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    with postgres_server() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty database on each backend medzero supports: a SQLite file, a PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'medzero.db'}"
+    return request.getfixturevalue("postgres").create_database()

@@ -45,8 +45,8 @@ class ApiKeyRepository:
         """A new key -> (its record, the token to hand out; not stored anywhere)."""
         if scope not in SCOPES:
             raise InvalidInput(f"scope {scope!r}; one of {', '.join(SCOPES)}")
-        if not name.strip() or len(name) > 128:
-            raise InvalidInput("a key needs a name of 1 to 128 characters (who or what uses it)")
+        if not name.strip() or len(name) > 128 or not name.isprintable():
+            raise InvalidInput("a key needs a name of 1 to 128 printable characters (who or what uses it)")
         key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
         with write_transaction(self._writers) as session:
             row = ApiKeyRow(id=key_id, name=name.strip(), scopes=[scope], secret_sha256=secret_digest(secret),

@@ -30,6 +30,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 
 from app.errors import StoreBusy
 
+LOCAL_OWNER = "local"                # the lease owner of a queue repository that was not told its replica
 WRITE_OPTION = "medzero_write"       # execution option of the engine that repositories write through
 _LOCK_MESSAGES = ("database is locked", "database table is locked", "lock timeout", "deadlock detected",
                   "could not serialize access")
@@ -113,6 +114,7 @@ class InboxRow(Base):
     reason: Mapped[str | None] = mapped_column(String(1000))   # why skipped or failed: codes, never patient data
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    lease_owner: Mapped[str | None] = mapped_column(String(128))    # the replica whose worker holds the lease
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
@@ -148,6 +150,7 @@ class DeliveryRow(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(String(1000))
     due_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)   # next attempt, or lease end
+    lease_owner: Mapped[str | None] = mapped_column(String(128))    # the replica sending it, while `sending`
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     sr_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))   # the SR sent (same UID on every retry)
 
@@ -191,9 +194,8 @@ def create_db_engine(url: str, *, busy_timeout_ms: int = 5000) -> Engine:
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", partial(_sqlite_connect, busy_timeout_ms=busy_timeout_ms))
         event.listen(engine, "begin", _sqlite_begin)
-    Base.metadata.create_all(engine)
-    from app.storage.migrations import migrate
-    migrate(engine)
+    from app.storage.migrations import upgrade  # the revisions import these tables
+    upgrade(engine)
     return engine
 
 

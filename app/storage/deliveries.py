@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.engine import Engine
 
-from app.storage.db import DeliveryRow, as_utc, session_factories, utcnow, write_transaction
+from app.storage.db import LOCAL_OWNER, DeliveryRow, as_utc, session_factories, utcnow, write_transaction
 
 PENDING, SENDING, SENT, DEAD_LETTER = "pending", "sending", "sent", "dead_letter"
 TARGETS = ("cstore", "stow", "webhook")
@@ -31,8 +31,10 @@ class DeliveryRecord:
 
 
 class DeliveryRepository:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, owner: str = LOCAL_OWNER) -> None:
+        """`owner`: this replica's stable name (MEDZERO_REPLICA_ID), written on the leases its worker takes."""
         self._readers, self._writers = session_factories(engine)
+        self.owner = owner
 
     def claim(self, lease_seconds: float, max_attempts: int) -> DeliveryRecord | None:
         """Lease the oldest due delivery (pending and due, or sending under a lease that ran out). One whose lease
@@ -50,7 +52,7 @@ class DeliveryRepository:
                     row.state = DEAD_LETTER
                     row.last_error = row.last_error or f"gave up after {row.attempts} attempts that did not finish"
                     continue
-                row.state, row.attempts = SENDING, row.attempts + 1
+                row.state, row.attempts, row.lease_owner = SENDING, row.attempts + 1, self.owner
                 row.due_at = now + timedelta(seconds=lease_seconds)
                 return delivery_record(row)
 
@@ -58,6 +60,7 @@ class DeliveryRepository:
         """False when the lease was no longer the caller's (another worker took the delivery over)."""
         with write_transaction(self._writers) as session:
             return session.execute(_leased(delivery).values(state=SENT, sent_at=utcnow(), last_error=None,
+                                                            lease_owner=None,
                                                             sr_sop_instance_uid=sr_sop_instance_uid)).rowcount == 1
 
     def failed(self, delivery: DeliveryRecord, error: str, *, retry_in_seconds: float | None) -> bool:
@@ -65,7 +68,8 @@ class DeliveryRepository:
         values = ({"state": DEAD_LETTER} if retry_in_seconds is None else
                   {"state": PENDING, "due_at": utcnow() + timedelta(seconds=retry_in_seconds)})
         with write_transaction(self._writers) as session:
-            return session.execute(_leased(delivery).values(last_error=error[:1000], **values)).rowcount == 1
+            return session.execute(_leased(delivery).values(last_error=error[:1000], lease_owner=None,
+                                                            **values)).rowcount == 1
 
     def retry_dead_letters(self, result_id: int | None = None) -> int:
         """Dead letters (of one result, or all) pending again now, attempts counted afresh."""
@@ -76,10 +80,12 @@ class DeliveryRepository:
             return session.execute(query.values(state=PENDING, attempts=0, due_at=utcnow())).rowcount
 
     def release_leases(self) -> int:
-        """At start-up: what a previous process was sending is due now."""
+        """At start-up: what this replica's previous process was sending is due now; other replicas' leases
+        come back only when they run out (NULL: from before owners were recorded, a dead single process's)."""
+        owned = or_(DeliveryRow.lease_owner == self.owner, DeliveryRow.lease_owner.is_(None))
         with write_transaction(self._writers) as session:
-            return session.execute(update(DeliveryRow).where(DeliveryRow.state == SENDING)
-                                   .values(state=PENDING, due_at=utcnow())).rowcount
+            return session.execute(update(DeliveryRow).where(DeliveryRow.state == SENDING, owned)
+                                   .values(state=PENDING, due_at=utcnow(), lease_owner=None)).rowcount
 
     def next_due(self) -> datetime | None:
         with self._readers() as session:

@@ -14,6 +14,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
 from app.storage.db import (
+    LOCAL_OWNER,
     DeliveryRow,
     InboxRow,
     ResultRow,
@@ -82,8 +83,10 @@ class ResultRecord:
 
 
 class InboxRepository:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, owner: str = LOCAL_OWNER) -> None:
+        """`owner`: this replica's stable name (MEDZERO_REPLICA_ID), written on the leases its workers take."""
         self._readers, self._writers = session_factories(engine)
+        self.owner = owner
 
     def put(self, received: Received) -> tuple[InboxEntry, bool]:
         """Queue (or record as skipped) a received instance; (entry, False) when that SOP Instance UID is already
@@ -137,7 +140,7 @@ class InboxRepository:
                     row.state, row.lease_until, row.updated_at = FAILED, None, now
                     row.reason = f"gave up after {row.attempts} attempts that did not finish (the worker stopped)"
                     continue
-                row.state, row.attempts = PROCESSING, row.attempts + 1
+                row.state, row.attempts, row.lease_owner = PROCESSING, row.attempts + 1, self.owner
                 row.lease_until, row.updated_at = now + timedelta(seconds=lease_seconds), now
                 return _entry(row), row.dicom
 
@@ -159,7 +162,7 @@ class InboxRepository:
                                     attempts=0, due_at=now) for target, destination in deliveries]
                 session.add_all(rows)
                 session.execute(update(InboxRow).where(InboxRow.id == entry.id)
-                                .values(state=DONE, reason=None, lease_until=None, updated_at=now))
+                                .values(state=DONE, reason=None, lease_until=None, lease_owner=None, updated_at=now))
         except IntegrityError:
             return None
         return _result(result, [delivery_record(row) for row in rows])
@@ -170,18 +173,20 @@ class InboxRepository:
         took the instance over meanwhile, whose outcome then stands."""
         values = ({"state": FAILED, "lease_until": None} if retry_in_seconds is None else
                   {"state": QUEUED, "lease_until": utcnow() + timedelta(seconds=retry_in_seconds)})
+        values["lease_owner"] = None
         with write_transaction(self._writers) as session:
             return session.execute(update(InboxRow).where(InboxRow.id == entry.id, InboxRow.state == PROCESSING,
                                                           InboxRow.attempts == entry.attempts)
                                    .values(reason=reason[:1000], updated_at=utcnow(), **values)).rowcount == 1
 
     def release_leases(self) -> int:
-        """At start-up: whatever a previous process was classifying goes back in the queue now (not after its
-        lease). With one process per database (several replicas sharing one queue need per-process lease owners,
-        which this table does not have yet) every lease found here is a dead process's."""
+        """At start-up: what this replica's previous process was classifying goes back in the queue now (not
+        after its lease). Other replicas' leases are theirs: they come back only when they run out. Leases from
+        before owners were recorded (NULL) are a dead single process's."""
         with write_transaction(self._writers) as session:
-            return session.execute(update(InboxRow).where(InboxRow.state == PROCESSING)
-                                   .values(state=QUEUED, lease_until=None, updated_at=utcnow())).rowcount
+            return session.execute(update(InboxRow).where(InboxRow.state == PROCESSING, _owned_by(self.owner))
+                                   .values(state=QUEUED, lease_until=None, lease_owner=None,
+                                           updated_at=utcnow())).rowcount
 
     def entries(self, *, study_instance_uid: str | None = None, state: str | None = None,
                 limit: int = 100) -> list[InboxEntry]:
@@ -216,6 +221,10 @@ class InboxRepository:
         with self._readers() as session:
             row = session.get(ResultRow, result_id)
             return _result(row, _deliveries_of(session, [row])[0]) if row else None
+
+
+def _owned_by(owner: str):
+    return or_(InboxRow.lease_owner == owner, InboxRow.lease_owner.is_(None))
 
 
 def _entry(row: InboxRow) -> InboxEntry:

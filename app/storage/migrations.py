@@ -1,50 +1,46 @@
-"""Schema changes that carry existing data along, run by create_db_engine after create_all.
+"""The database schema is Alembic's (app/storage/alembic): every process upgrades its database to the newest
+revision as it opens it, SQLite and PostgreSQL alike, so the same revisions make the same schema on both.
 
-- The table kpl_fits (before learned method state had one table) moves into method_states as kind "kpl",
-  in the layout app.methods.kpl.KPLFit.to_state writes, then the old table is dropped; one transaction.
+Replicas starting together upgrade one at a time: the upgrade runs in one transaction that first takes the
+writer lock (SQLite's BEGIN IMMEDIATE; on PostgreSQL an advisory lock), and the second finds nothing left to do.
+A failed upgrade rolls back whole (both databases have transactional DDL).
 """
-import json
-import logging
+from pathlib import Path
 
-import numpy as np
-from sqlalchemy import MetaData, Table, inspect, select
-from sqlalchemy.engine import Engine
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import text
+from sqlalchemy.engine import Connection, Engine
 
-from app.storage.db import WRITE_OPTION, LabelSetRow, MethodStateRow
-from app.storage.method_states import pack_arrays
+from app.storage.db import WRITE_OPTION
 
-log = logging.getLogger(__name__)
-
-
-def migrate(engine: Engine) -> None:
-    if "kpl_fits" in inspect(engine).get_table_names():
-        _move_kpl_fits(engine)
+SCRIPT_LOCATION = Path(__file__).resolve().parent / "alembic"
+UPGRADE_LOCK_ID = 0x6D65647A65726F   # "medzero": the advisory lock id replicas queue on to upgrade
 
 
-def _move_kpl_fits(engine: Engine) -> None:
-    legacy = Table("kpl_fits", MetaData(), autoload_with=engine)
-    with engine.execution_options(**{WRITE_OPTION: True}).begin() as connection:
-        names = dict(connection.execute(select(LabelSetRow.id, LabelSetRow.name)).all())
-        rows = connection.execute(select(legacy)).mappings().all()
-        for row in rows:
-            config = _json(row["config"])
-            sizes = config.pop("_evidence_sizes")
-            shape = (row["n_classes"], row["dim"])
-            arrays = {"text_proxies": np.frombuffer(row["text_proxies"], np.float32).reshape(shape),
-                      "vision_proxies": np.frombuffer(row["vision_proxies"], np.float32).reshape(shape),
-                      "evidence_vectors": np.frombuffer(row["evidence_vectors"], np.float32).reshape(-1, row["dim"])}
-            class_balance = _json(row["class_balance"])
-            meta = {"label_set": names.get(row["label_set_id"]), "label_set_version": row["label_set_version"],
-                    "model_id": row["model_id"], "class_names": list(class_balance),
-                    "evidence": _json(row["evidence"]), "evidence_sizes": sizes, "pool_size": row["pool_size"],
-                    "class_balance": class_balance, "config": config, "fit_seconds": row["fit_seconds"]}
-            connection.execute(MethodStateRow.__table__.insert().values(
-                kind="kpl", label_set_id=row["label_set_id"], label_set_version=row["label_set_version"],
-                model_id=row["model_id"], version=row["fit_version"], arrays=pack_arrays(arrays), meta=meta,
-                created_at=row["created_at"]))
-        legacy.drop(connection)
-    log.info("moved %d KPL fits from kpl_fits into method_states", len(rows))
+def alembic_config(connection: Connection | None = None) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(SCRIPT_LOCATION))
+    config.attributes["connection"] = connection
+    return config
 
 
-def _json(value: object) -> object:
-    return json.loads(value) if isinstance(value, str) else value
+def head_revision() -> str:
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Bring the database to `revision`, the newest by default (nothing to do when it is there already)."""
+    with engine.execution_options(**{WRITE_OPTION: True}).connect() as connection, connection.begin():
+        if connection.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:lock)"), {"lock": UPGRADE_LOCK_ID})
+        target = head_revision() if revision == "head" else revision
+        if MigrationContext.configure(connection).get_current_revision() != target:
+            command.upgrade(alembic_config(connection), target)

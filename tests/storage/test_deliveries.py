@@ -1,7 +1,6 @@
-"""Result deliveries on real SQLite: leases, back-off, the attempts cap, dead letters and their retry, and a worker
+"""Result deliveries on real SQLite and PostgreSQL: leases, back-off, the attempts cap, dead letters and their retry, and a worker
 that lost its lease cannot overwrite the new owner's outcome."""
 import time
-from pathlib import Path
 
 import pytest
 
@@ -11,8 +10,8 @@ from app.storage.inbox import InboxRepository, Received
 
 
 @pytest.fixture
-def stores(tmp_path: Path) -> tuple[InboxRepository, DeliveryRepository]:
-    engine = create_db_engine(f"sqlite:///{tmp_path / 'medzero.db'}")
+def stores(database_url: str) -> tuple[InboxRepository, DeliveryRepository]:
+    engine = create_db_engine(database_url)
     inbox = InboxRepository(engine)
     inbox.put(Received(sop_instance_uid="1.2.3.1", study_instance_uid="1.2.3", series_instance_uid="1.2.3.0",
                        sop_class_uid="1.2.840.10008.5.1.4.1.1.1", source="stow-rs", dicom=b"DICM",

@@ -1,10 +1,12 @@
-"""The durable DICOM queue on real SQLite: a re-send is recognised, leases hand each instance to one worker, a
+"""The durable DICOM queue on real SQLite and PostgreSQL: a re-send is recognised, leases hand each instance to one worker, a
 killed worker's instance comes back, and an instance gets exactly one result."""
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -21,8 +23,8 @@ def received(n: int, **changes) -> Received:
 
 
 @pytest.fixture
-def inbox(tmp_path: Path) -> InboxRepository:
-    return InboxRepository(create_db_engine(f"sqlite:///{tmp_path / 'medzero.db'}"))
+def inbox(database_url: str) -> InboxRepository:
+    return InboxRepository(create_db_engine(database_url))
 
 
 def test_a_resent_instance_is_recognised_not_queued_twice(inbox: InboxRepository) -> None:
@@ -118,8 +120,8 @@ KILLED_WORKER = textwrap.dedent("""
 """)
 
 
-def test_a_killed_workers_instance_is_classified_once_after_restart(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'medzero.db'}"
+def test_a_killed_workers_instance_is_classified_once_after_restart(database_url: str) -> None:
+    url = database_url
     inbox = InboxRepository(create_db_engine(url))
     inbox.put(received(1))
     killed = subprocess.run([sys.executable, "-c", KILLED_WORKER, url], capture_output=True, timeout=120,
@@ -132,3 +134,43 @@ def test_a_killed_workers_instance_is_classified_once_after_restart(tmp_path: Pa
     assert entry.attempts == 2
     restarted.complete(entry, label_set_version=1, model_id="m", classification={"decision": "normal"})
     assert len(restarted.results()) == 1 and restarted.waiting() == 0
+
+
+def test_a_replica_starting_up_takes_back_only_its_own_leases(database_url: str) -> None:
+    """Two replicas on one database: B's restart must not hand A's in-flight instance to a second worker."""
+    engine = create_db_engine(database_url)
+    replica_a, replica_b = InboxRepository(engine, owner="a:8000"), InboxRepository(engine, owner="b:8000")
+    replica_a.put(received(1))
+    replica_a.put(received(2))
+    held_by_a, _ = replica_a.claim(lease_seconds=3600, max_attempts=3)
+    held_by_b, _ = replica_b.claim(lease_seconds=3600, max_attempts=3)
+    assert {held_by_a.sop_instance_uid, held_by_b.sop_instance_uid} == {"1.2.3.1", "1.2.3.2"}
+
+    assert replica_b.release_leases() == 1                      # B restarted: its own lease only
+    again, _ = replica_b.claim(lease_seconds=60, max_attempts=3)
+    assert again.sop_instance_uid == held_by_b.sop_instance_uid
+    assert replica_b.claim(lease_seconds=60, max_attempts=3) is None    # A's is still A's
+    assert replica_a.complete(held_by_a, label_set_version=1, model_id="m", classification={}) is not None
+
+
+def test_workers_claiming_at_once_each_get_different_instances(database_url: str) -> None:
+    """Four workers, each with its own engine (as replicas have), drain one queue at once: every instance goes to
+    exactly one of them (SELECT ... FOR UPDATE SKIP LOCKED on PostgreSQL, the one writer lock on SQLite)."""
+    InboxRepository(create_db_engine(database_url)).put(received(0))
+    seed = InboxRepository(create_db_engine(database_url))
+    for n in range(1, 24):
+        seed.put(received(n))
+    start = threading.Barrier(4)
+
+    def drain(worker: int) -> list[str]:
+        inbox = InboxRepository(create_db_engine(database_url, busy_timeout_ms=30_000), owner=f"w{worker}")
+        start.wait()
+        claimed = []
+        while (leased := inbox.claim(lease_seconds=600, max_attempts=3)) is not None:
+            claimed.append(leased[0].sop_instance_uid)
+        return claimed
+
+    with ThreadPoolExecutor(4) as pool:
+        per_worker = list(pool.map(drain, range(4)))
+    every = [uid for claimed in per_worker for uid in claimed]
+    assert sorted(every) == sorted(f"1.2.3.{n}" for n in range(24))     # none twice, none left

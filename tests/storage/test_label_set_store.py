@@ -42,8 +42,8 @@ CRASHING_WRITER = textwrap.dedent("""
 """)
 
 
-def test_crash_mid_write_keeps_the_old_version(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'medzero.db'}"
+def test_crash_mid_write_keeps_the_old_version(database_url: str) -> None:
+    url = database_url
     repository = LabelSetRepository(create_db_engine(url))
     repository.create(SPEC, model_id="m", class_embeddings=np.ones((2, 4), np.float32))
 
@@ -58,8 +58,8 @@ def test_crash_mid_write_keeps_the_old_version(tmp_path: Path) -> None:
     np.testing.assert_array_equal(survivor.class_embeddings("crash-test", 1, "m"), np.ones((2, 4), np.float32))
 
 
-def test_embeddings_for_a_stale_version_are_not_stored(tmp_path: Path) -> None:
-    repository = LabelSetRepository(create_db_engine(f"sqlite:///{tmp_path / 'medzero.db'}"))
+def test_embeddings_for_a_stale_version_are_not_stored(database_url: str) -> None:
+    repository = LabelSetRepository(create_db_engine(database_url))
     repository.create(SPEC, model_id="m", class_embeddings=np.ones((2, 4), np.float32))
     repository.replace(SPEC, model_id="m", class_embeddings=np.zeros((2, 4), np.float32))
     assert not repository.store_class_embeddings("crash-test", 1, "other", np.ones((2, 4), np.float32))
@@ -68,10 +68,10 @@ def test_embeddings_for_a_stale_version_are_not_stored(tmp_path: Path) -> None:
     assert repository.get("crash-test").updated_at <= datetime.now(UTC)
 
 
-def test_concurrent_writers_each_get_their_own_version(tmp_path: Path) -> None:
+def test_concurrent_writers_each_get_their_own_version(database_url: str) -> None:
     """Four workers (each its own engine, as separate server processes would be) replace one label set at once:
     every acknowledged write is a distinct version and none is lost."""
-    url = f"sqlite:///{tmp_path / 'medzero.db'}"
+    url = database_url
     LabelSetRepository(create_db_engine(url)).create(SPEC, model_id="m", class_embeddings=np.ones((2, 4), np.float32))
     writers, writes_each = 4, 6
     start = threading.Barrier(writers)
@@ -94,6 +94,7 @@ def test_concurrent_writers_each_get_their_own_version(tmp_path: Path) -> None:
 
 
 def test_a_writer_locked_out_past_the_busy_timeout_is_store_busy(tmp_path: Path) -> None:
+    """SQLite only: PostgreSQL writers of different rows do not lock each other out; of one row they queue."""
     path = tmp_path / "medzero.db"
     repository = LabelSetRepository(create_db_engine(f"sqlite:///{path}", busy_timeout_ms=100))
     repository.create(SPEC, model_id="m", class_embeddings=np.ones((2, 4), np.float32))

@@ -16,6 +16,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    create_engine,
     insert,
     inspect,
 )
@@ -26,6 +27,7 @@ from app.methods.kpl import KPLFit
 from app.storage.db import create_db_engine
 from app.storage.label_sets import LabelSetRepository
 from app.storage.method_states import MethodStateRepository, StateKey
+from app.storage.migrations import upgrade
 
 SPEC = LabelSetSpec(name="cxr", modality="chest-xray", classes=[{"name": "normal"}, {"name": "pneumonia"}])
 
@@ -35,8 +37,8 @@ def decode(arrays: dict, meta: dict, version: int, created_at: datetime) -> tupl
 
 
 @pytest.fixture
-def stores(tmp_path: Path) -> tuple[LabelSetRepository, MethodStateRepository]:
-    engine = create_db_engine(f"sqlite:///{tmp_path / 'medzero.db'}")
+def stores(database_url: str) -> tuple[LabelSetRepository, MethodStateRepository]:
+    engine = create_db_engine(database_url)
     labels = LabelSetRepository(engine)
     labels.create(SPEC, model_id="m", class_embeddings=np.ones((2, 4), np.float32))
     return labels, MethodStateRepository(engine)
@@ -107,11 +109,14 @@ def legacy_kpl_fits_table(metadata: MetaData) -> Table:
 
 def test_fits_in_the_legacy_table_are_moved_not_lost(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'medzero.db'}"
-    engine = create_db_engine(url)
+    engine = create_engine(url)
+    upgrade(engine, "0001")                   # the tables as they were when migrations began
     LabelSetRepository(engine).create(SPEC, model_id="m", class_embeddings=np.ones((2, 4), np.float32))
     legacy = legacy_kpl_fits_table(MetaData())
     legacy.metadata.reflect(engine, only=["label_sets"])
     legacy.create(engine)
+    with engine.begin() as connection:        # a database from before migrations has no revision recorded
+        connection.exec_driver_sql("DROP TABLE alembic_version")
     rng = np.random.default_rng(0)
     text, vision, evidence = (rng.standard_normal(shape).astype(np.float32) for shape in ((2, 4), (2, 4), (3, 4)))
     created = datetime(2026, 11, 20, 8, 0, tzinfo=UTC)
