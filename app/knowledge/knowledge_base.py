@@ -64,17 +64,18 @@ class KnowledgeBase:
         for name in self._removed_before_sync:
             merged.pop(name, None)
         for name, spec in self._label_sets.items():
-            if getattr(merged.get(name), "version", 0) <= getattr(spec, "version", 0):
+            if _written(merged.get(name)) <= _written(spec):
                 merged[name] = spec
         return merged
 
     def put_label_set(self, spec: LabelSetSpec) -> bool:
-        """A label set was registered or updated: re-embed its group if its descriptions changed. A version
-        older than the one held (two updates finishing out of order) is ignored. Before the first sync it is only
+        """A label set was registered or updated: re-embed its group if its descriptions changed. One held
+        already, or older than the one held (two updates finishing out of order), is ignored; a label set deleted
+        and created again (version 1 anew) is newer by its creation time. Before the first sync it is only
         recorded (no embedding, no save) and False is returned; that sync embeds it."""
         with self._lock:
             held = self._label_sets.get(spec.name)
-            if getattr(held, "version", 0) > getattr(spec, "version", 0):
+            if _written(held) > _written(spec) or held == spec:
                 return False
             self._label_sets[spec.name] = spec
             self._removed_before_sync.discard(spec.name)
@@ -138,6 +139,13 @@ class KnowledgeBase:
             if self._index is None:
                 return np.empty((0, self.dim), np.float32), []
             return self._index.class_vectors(label_set, class_name)
+
+
+def _written(spec: LabelSetSpec | None) -> tuple[float, int]:
+    """Which of two writes of one label set is newer: a stored LabelSet's (created_at, version); a bare spec
+    (never stored) is older than any stored one."""
+    created_at = getattr(spec, "created_at", None)
+    return (created_at.timestamp() if created_at else 0.0, getattr(spec, "version", 0))
 
 
 def _items_for(name: str, corpus: CorpusFile | None, spec: LabelSetSpec | None) -> list[DescriptionItem]:

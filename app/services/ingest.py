@@ -97,7 +97,7 @@ class IngestService:
     def _receive(self, data: bytes, source: str, study: str | None) -> Receipt:
         try:
             dataset = self._checked(data, study)
-            route = self._routing.table.route(dataset)
+            route = self._routing.current().route(dataset)
         except MedzeroError:
             raise
         except Exception as exc:   # whatever a malformed data set makes pydicom raise (zlib, struct, a bad VR)

@@ -5,6 +5,10 @@ transaction, keyed by model id; a label set registered under another model gets 
 (and cached) the first time it is used under this one. `encode_texts` runs on the encoder's own thread (the
 batcher's), so text embeddings never run concurrently with image forwards. The knowledge base's group for a
 label set follows each write, after the store committed it.
+
+Replicas sharing one database see each other's writes: every request reads the label set's version from the
+store, and a version (or a deletion) this process has not seen yet replaces its cached head and its description
+index group before the request goes on.
 """
 import dataclasses
 import logging
@@ -16,7 +20,7 @@ import numpy as np
 import torch
 
 from app.domain import LabelSet, LabelSetSpec
-from app.errors import InvalidLabelSet, LabelSetExists
+from app.errors import InvalidLabelSet, LabelSetExists, LabelSetNotFound
 from app.knowledge.knowledge_base import KnowledgeBase
 from app.methods.base import ClassHead
 from app.methods.zero_shot import build_class_weights
@@ -93,7 +97,14 @@ class LabelSetService:
 
     def head(self, name: str) -> ClassHead:
         """The current version's class head under the loaded model: memory, else the store, else computed."""
-        label_set = self._repository.get(name)   # the store is the truth: another worker may have updated it
+        try:
+            label_set = self._repository.get(name)   # the store is the truth: another replica may have changed it
+        except LabelSetNotFound:
+            with self._lock:
+                followed = self._heads.pop(name, None) is not None
+            if followed:                             # deleted by another replica: its descriptions go here too
+                self._knowledge.remove_label_set(name)
+            raise
         with self._lock:
             created_at, cached = self._heads.get(name, (None, None))
         if cached is not None and (created_at, cached.version) == (label_set.created_at, label_set.version):
@@ -109,6 +120,8 @@ class LabelSetService:
             log.info("computing class embeddings of %s v%d for %s", name, label_set.version, self._model_id)
             weights = self._embed(label_set)
             self._repository.store_class_embeddings(name, label_set.version, self._model_id, weights.numpy())
+        # new here: written by another replica (or read at start-up); the description index follows it
+        self._knowledge.put_label_set(label_set)
         return self._remember(label_set, weights)
 
     def install_builtins(self) -> None:
@@ -117,7 +130,10 @@ class LabelSetService:
             return
         for spec in BUILTIN_LABEL_SETS:
             if not self._repository.exists(spec.name):
-                self.create(spec, builtin=True)
+                try:
+                    self.create(spec, builtin=True)
+                except LabelSetExists:      # a replica starting beside this one installed it meanwhile
+                    log.info("built-in label set %s was installed by another replica", spec.name)
         self._repository.set_meta(BUILTINS_INSTALLED_KEY, "1")
 
     def prepare_all(self) -> None:

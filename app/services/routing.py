@@ -57,6 +57,12 @@ class RoutingService:
         if stored is not None and (self._stored is None or stored.version != self._stored.version):
             self._install(stored)
 
+    def current(self) -> RoutingTable:
+        """The table in force now, another replica's change included (one primary-key read): what each received
+        instance is routed by, so an instance never follows rules replaced before it arrived."""
+        self.refresh()
+        return self._table
+
     def replace(self, table: RoutingTable, expected_version: int | None = None) -> StoredRoutes:
         stored = self._repository.put(_rules(table), source="api", expected_version=expected_version)
         self._install(stored)
