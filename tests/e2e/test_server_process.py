@@ -101,6 +101,29 @@ def stream_until_answered(port: int, *, chunk_bytes: int, max_chunks: int) -> tu
         return sent, answer
 
 
+def test_more_load_than_the_encoder_takes_is_refused_fast_and_what_was_accepted_finishes(tmp_path: Path) -> None:
+    """48 clients at once against 3 permits: each answer is a result or 503 `overloaded` with Retry-After, the
+    accepted ones all finish, memory stays bounded, and the server serves normally afterwards."""
+    with serving(tmp_path, MEDZERO_MAX_IN_FLIGHT_IMAGES="3") as (server, base, _):
+        image = png_bytes(width=900, height=900)            # decode and resize take a while: permits stay held
+        baseline = peak_rss_bytes(server.pid)
+
+        def classify(_: int) -> httpx.Response:
+            return httpx.post(f"{base}/classify", data={"label_set": "chest-xray-pneumonia"},
+                              files={"file": ("x.png", image)}, timeout=120)
+
+        with ThreadPoolExecutor(48) as pool:
+            answers = list(pool.map(classify, range(96)))
+        statuses = [a.status_code for a in answers]
+        assert set(statuses) <= {200, 503}, [a.text for a in answers if a.status_code not in (200, 503)]
+        refused = [a for a in answers if a.status_code == 503]
+        assert refused and statuses.count(200) >= 3, statuses
+        assert all(a.json()["error"]["code"] == "overloaded" and int(a.headers["Retry-After"]) >= 1 for a in refused)
+        assert all(a.json()["predictions"] for a in answers if a.status_code == 200)
+        assert peak_rss_bytes(server.pid) - baseline < 256 * 2**20     # refused bodies are not held
+        assert classify(0).status_code == 200 and httpx.get(f"{base}/healthz").status_code == 200
+
+
 def test_sigterm_drains_the_requests_in_flight(tmp_path: Path) -> None:
     """SIGTERM while KPL fits are running: each of them still gets its answer, then the process exits cleanly."""
     with serving(tmp_path, MEDZERO_KPL_PROXY_ITERS="20000") as (server, base, _):
