@@ -14,12 +14,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import metrics
-from app.api.deps import ClassifyDep
-from app.api.limits import RateLimiter, RequestTimeLimit
+from app.api.deps import ACCESS_ERRORS, ClassifyDep
+from app.api.limits import DrainUnreadBody, RateLimiter, RequestTimeLimit
 from app.api.routes import (
     adapters,
     calibration,
@@ -62,13 +63,16 @@ def create_app(settings: Settings, *, on_startup_failure: Callable[[MedzeroError
     app.include_router(health.router)            # health, readiness and /metrics: no key (probes, scrapers)
     for router in (labels.router, classify.router, kpl.router, calibration.router, adapters.router, support.router,
                    dicomweb.router, results.router, routing.router):
-        app.include_router(router, dependencies=[ClassifyDep])   # admin routes add AdminDep themselves
+        # admin routes add AdminDep themselves; every one of them may answer 401, 403, 429 or 503
+        app.include_router(router, dependencies=[ClassifyDep], responses=ACCESS_ERRORS)
     app.add_exception_handler(MedzeroError, medzero_error_response)
     app.add_exception_handler(RequestValidationError, validation_error_response)
     app.add_exception_handler(HTTPException, http_error_response)
+    app.add_exception_handler(DataError, unstorable_value_response)
     app.add_exception_handler(Exception, unexpected_error_response)
     app.add_middleware(BodySizeLimit, limit_for_path=lambda path: body_limit(settings, path))
     app.add_middleware(BatchBodyAdmission)
+    app.add_middleware(DrainUnreadBody)       # outside what answers early, inside the time limit
     app.add_middleware(RequestTimeLimit, limit_for_path=lambda path: time_limit(settings, path),
                        respond=medzero_error_response_for)
     app.add_middleware(RequestMetrics)
@@ -124,6 +128,15 @@ async def validation_error_response(request: Request, exc: RequestValidationErro
 async def http_error_response(request: Request, exc: HTTPException) -> JSONResponse:
     code = {404: "route_not_found", 405: "method_not_allowed"}.get(exc.status_code, f"http_{exc.status_code}")
     return error_response(request.scope, exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+
+async def unstorable_value_response(request: Request, exc: DataError) -> JSONResponse:
+    # PostgreSQL refuses some values outright where SQLite takes them (a NUL character, text past its column's
+    # length): the request named something that cannot exist, so it is the client's 422. The value itself is not
+    # echoed (it could be anything, patient data included).
+    log.info("the database refused a value of %s %s: %s", request.method, request.url.path, type(exc.orig).__name__)
+    return error_response(request.scope, 422, "invalid_input", "a value in the request cannot be stored or looked "
+                          "up (a NUL character, or text longer than the field allows)")
 
 
 async def unexpected_error_response(request: Request, exc: Exception) -> JSONResponse:

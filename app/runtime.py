@@ -313,7 +313,7 @@ class Runtime:
         ingest = IngestService(self.inbox, routing, classifier, deliveries=delivery_targets(settings),
                                on_result=deliveries.wake, lease_seconds=settings.ingest_lease_seconds,
                                max_attempts=settings.ingest_max_attempts, retry_seconds=settings.ingest_retry_seconds,
-                               workers=settings.ingest_workers)
+                               workers=settings.ingest_workers, max_pixels=settings.max_image_pixels)
         support_sets = SupportSetService(classifier, fewshot, self.states, max_images=settings.max_support_images)
         return Core(encoder, batcher, label_sets, knowledge, classifier, kpl_fits,
                     CalibrationService(classifier, self.states), adapters, support_sets, routing, ingest, deliveries)

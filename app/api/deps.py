@@ -13,6 +13,7 @@ from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
+from app.api.schemas import ErrorBody
 from app.errors import Forbidden, Unauthorized
 from app.logs import AUDIT_STATE
 from app.runtime import Runtime
@@ -73,6 +74,23 @@ async def _key_for(runtime: Runtime, token: str | None, scope: Scope) -> ApiKey 
         raise Forbidden(f"API key {key.id} ({key.name}) has scope {', '.join(key.scopes)}; this route needs {scope}")
     return key
 
+
+# Declared in the OpenAPI schema so clients (and the schemathesis fuzz, tests/api/test_openapi_fuzz.py) know them:
+# what every route behind the key check may answer whatever it does, and what a route with a body may answer before
+# it runs (a body FastAPI cannot parse: invalid UTF-8 JSON, broken multipart; one too large or too slow).
+ACCESS_ERRORS = {401: {"model": ErrorBody, "description": "No API key, or one unknown, malformed or revoked."},
+                 403: {"model": ErrorBody, "description": "The API key lacks the scope this route needs."},
+                 429: {"model": ErrorBody, "description": "The API key is over MEDZERO_RATE_LIMIT_PER_MINUTE "
+                                                          "(Retry-After)."},
+                 503: {"model": ErrorBody, "description": "Not ready (the model is loading), overloaded, the store "
+                                                          "busy, or no answer within MEDZERO_REQUEST_TIMEOUT_SECONDS "
+                                                          "(Retry-After)."}}
+BODY_ERRORS = {400: {"model": ErrorBody, "description": "The body cannot be parsed (not UTF-8 JSON, or broken "
+                                                        "multipart)."},
+               408: {"model": ErrorBody, "description": "The body did not arrive within "
+                                                        "MEDZERO_REQUEST_TIMEOUT_SECONDS."},
+               413: {"model": ErrorBody, "description": "The body is over its limit (1 MiB for JSON; "
+                                                        "MEDZERO_MAX_UPLOAD_BYTES, MEDZERO_MAX_BATCH_REQUEST_BYTES)."}}
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -8,6 +8,12 @@ RequestTimeLimit ends a request that runs past its route's limit: while its body
 stalled client) with 408, once the body is in and the answer is not ready with 503 + Retry-After. Work already
 handed to a thread (a label-set write, a fit) finishes there and commits as a whole or not at all; the client
 is told it timed out and can read back what happened.
+
+DrainUnreadBody reads (and discards) what is left of a request body before an answer given early goes out (a 413
+from Content-Length, a 503 from admission, a 4xx before the upload was read): an HTTP/1.1 server that closes a
+connection with request bytes still unread makes the kernel reset it, and the client, still sending, loses the
+answer it was given (nginx's lingering close, here). Only for a body whose Content-Length is at most `max_bytes`,
+and for at most `max_seconds`; otherwise the answer goes out at once.
 """
 import asyncio
 import math
@@ -118,3 +124,61 @@ class RequestTimeLimit:
 
 async def _no_receive() -> Message:
     return {"type": "http.disconnect"}
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+class DrainUnreadBody:
+    def __init__(self, app: ASGIApp, *, max_bytes: int = 64 * 2**20, max_seconds: float = 5.0) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.max_seconds = max_seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        # only a body of declared, bounded length is drained: a chunked one could go on for ever, and a declared
+        # giant is not worth reading; those get their answer at once, as before
+        finished = declared is None or declared > self.max_bytes
+
+        async def tracking_receive() -> Message:
+            nonlocal finished
+            message = await receive()
+            if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                finished = True
+            return message
+
+        async def draining_send(message: Message) -> None:
+            nonlocal finished
+            if message["type"] == "http.response.start" and not finished:
+                finished = await self._drain(tracking_receive)
+            await send(message)
+
+        await self.app(scope, tracking_receive, draining_send)
+
+    async def _drain(self, receive: Receive) -> bool:
+        discarded = 0
+
+        async def rest() -> None:
+            nonlocal discarded
+            while discarded <= self.max_bytes:
+                message = await receive()
+                if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                    return
+                discarded += len(message.get("body", b""))
+
+        try:
+            await asyncio.wait_for(rest(), self.max_seconds)
+        except TimeoutError:
+            return False
+        return discarded <= self.max_bytes

@@ -1,14 +1,19 @@
 """HTTP shapes, named as in the FastAPI template: <Thing>Create for input, <Thing>Public for output; and the
 parsing of request fields that are not JSON bodies (classify parameters, class priors)."""
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import Form, Query
-from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError, model_validator
 
 from app.dicom.routing import RouteRule, RoutingTable
-from app.domain import LabelClass, LabelSet, LabelSetSpec
+from app.domain import LabelClass, LabelSet, LabelSetSpec, Slug
 from app.errors import InvalidInput
+
+# What every stored label-set name is (LabelSetSpec.name): a request naming anything else names none, and is
+# refused before it reaches the store (PostgreSQL refuses a NUL in a query outright, which would be a 500).
+LabelSetName = TypeAdapter(Slug)
 
 ClassPrior = TypeAdapter(dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)]])
 
@@ -64,6 +69,12 @@ class ClassifyParams:
         self.label_set = label_set_form or label_set
         if not self.label_set:
             raise InvalidInput("label_set is required (a form field or query parameter); GET /labels lists them")
+        try:
+            LabelSetName.validate_python(self.label_set)
+        except ValidationError as exc:
+            raise InvalidInput(f"label_set {self.label_set[:80]!r}{'...' if len(self.label_set) > 80 else ''} is "
+                               "not a label-set name (lowercase letters, digits, '.', '_' and '-', at most 64 "
+                               "characters); GET /labels lists them") from exc
         self.method = method_form or method or "zeroshot"
         self.top_k = top_k_form or top_k
         self.transductive = bool(transductive_form if transductive_form is not None else transductive)
@@ -76,6 +87,27 @@ class ClassifyParams:
 
 class LabelSetCreate(LabelSetSpec):
     """Body of POST /labels and PUT /labels/{name}."""
+
+    @model_validator(mode="after")
+    def _no_nul_characters(self) -> "LabelSetCreate":
+        # PostgreSQL text cannot hold U+0000 and no prompt needs one: refused here (422), never stored where one
+        # database takes it and another fails on it.
+        holding = [where for where, text in _strings(self.model_dump()) if "\x00" in text]
+        if holding:
+            raise ValueError(f"text must not contain the NUL character (U+0000); found in {', '.join(holding[:5])}")
+        return self
+
+
+def _strings(value: object, where: str = "body") -> Iterator[tuple[str, str]]:
+    """Every string in a dumped model, with its path (body.classes.0.synonyms.2)."""
+    if isinstance(value, str):
+        yield where, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _strings(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _strings(item, f"{where}.{index}")
 
 
 class LabelSetPublic(BaseModel):

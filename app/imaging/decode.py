@@ -3,11 +3,12 @@
 Accepts PNG, JPEG, TIFF (Pillow) and DICOM (pydicom 3 and its pylibjpeg plugins). The format comes from
 the content's magic bytes, never from a file name. The pixel count is checked against ``max_pixels`` before
 any pixel data is decoded, so a small file declaring a huge image (a decompression bomb) is refused
-cheaply. Every way of failing ends as a MedzeroError: empty or corrupt input -> InvalidImage, a known
-format we do not take -> UnsupportedMediaType, a DICOM we cannot render -> UnsupportedDicom, too many
-pixels -> ImageTooLarge, one side over ``max_aspect_ratio`` times the other -> ExtremeAspectRatio (open_clip
-resizes the short side to the model's input, so a 10 x 200000 strip would become gigabytes; the ratio is
-checked from the header, like the pixel count).
+cheaply; a deflated DICOM dataset is inflated only as far as an image within that count could need.
+Every way of failing ends as a MedzeroError: empty or corrupt input -> InvalidImage, a known format we do
+not take -> UnsupportedMediaType, a DICOM we cannot render -> UnsupportedDicom, too many pixels (or
+inflated bytes) -> ImageTooLarge, one side over ``max_aspect_ratio`` times the other -> ExtremeAspectRatio
+(open_clip resizes the short side to the model's input, so a 10 x 200000 strip would become gigabytes; the
+ratio is checked from the header, like the pixel count).
 
 Messages and log lines never carry what Pillow or pydicom said: their exception texts quote the file (element
 values, chunk bytes), which can be patient data. Each failure kind has a fixed message; the exception's type
@@ -20,8 +21,10 @@ every radiograph reads the usual way (air dark, bone bright).
 """
 
 import logging
+import math
 import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Literal
@@ -29,8 +32,9 @@ from typing import Literal
 import numpy as np
 import pydicom
 from PIL import Image
-from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.filereader import read_dataset, read_preamble
 from pydicom.pixels import (
     apply_color_lut,
     apply_modality_lut,
@@ -40,7 +44,13 @@ from pydicom.pixels import (
     get_decoder,
 )
 from pydicom.pixels.common import PhotometricInterpretation
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from app.errors import ExtremeAspectRatio, ImageTooLarge, InvalidImage, UnsupportedDicom, UnsupportedMediaType
 
@@ -83,8 +93,14 @@ _REFUSED_SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
 _PILLOW_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError, TypeError,
                          ZeroDivisionError)
 # Likewise pydicom's parser and its decoding plugins on malformed datasets.
-_PYDICOM_ERRORS = (InvalidDicomError, OSError, EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError,
-                   NotImplementedError, RuntimeError, OverflowError, struct.error)
+_PYDICOM_ERRORS = (InvalidDicomError, BytesLengthException, OSError, EOFError, ValueError, KeyError, IndexError,
+                   TypeError, AttributeError, NotImplementedError, RuntimeError, OverflowError, struct.error,
+                   zlib.error)
+# A deflated DICOM dataset is inflated at most to this many bytes per allowed pixel (16-bit RGB needs 6, 64-bit
+# greyscale 8), plus room for the elements around the pixel data; past that it can only be a bomb.
+_INFLATED_BYTES_PER_PIXEL = 8
+_INFLATED_HEADROOM_BYTES = 16 << 20
+_INFLATE_PIECE_BYTES = 16 << 20
 
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 # The standard's defined terms: only these are ever named back; anything else in the element is the file's text.
@@ -141,7 +157,8 @@ def decode_image(data: bytes, *, max_pixels: int, max_aspect_ratio: float) -> De
     side more than ``max_aspect_ratio`` times the short one."""
     image_format = detect_format(data)
     if image_format == "dicom":
-        image = dicom_to_image(_read_dicom(data), max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio)
+        image = dicom_to_image(read_dicom(data, max_pixels=max_pixels), max_pixels=max_pixels,
+                               max_aspect_ratio=max_aspect_ratio)
     else:
         image = _decode_with_pillow(data, image_format, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio)
     return DecodedImage(image=image, format=image_format)
@@ -150,6 +167,7 @@ def decode_image(data: bytes, *, max_pixels: int, max_aspect_ratio: float) -> De
 def dicom_to_image(dataset: pydicom.Dataset, *, max_pixels: int, max_aspect_ratio: float) -> Image.Image:
     """Render the single frame of a DICOM dataset as an 8-bit RGB image the way a viewer would show it."""
     _check_dicom_geometry(dataset, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio)
+    _check_photometric_term(dataset)
     stored_pixels, photometric = _decode_dicom_pixels(dataset)
     try:
         if photometric in _MONOCHROME:
@@ -223,7 +241,9 @@ def _pillow_to_rgb(image: Image.Image) -> Image.Image:
     """A new RGB copy of ``image`` (the caller closes the original)."""
     if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
         values = np.asarray(image, dtype=np.float64)
-        scaled = _rescale_to_uint8(values, low=float(values.min()), high=float(values.max()))
+        finite = values[np.isfinite(values)]   # a float TIFF may hold NaN or infinities: left out of the range
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        scaled = _rescale_to_uint8(values, low=low, high=high)
         return Image.fromarray(scaled).convert("RGB")
     # Alpha (RGBA, LA, PA, P with transparency) is dropped, not composited: open_clip's own preprocess does
     # image.convert("RGB") too, so a file scores the same whether or not it went through this service.
@@ -245,24 +265,77 @@ def _check_image_size(width: int, height: int, *, max_pixels: int, max_aspect_ra
 
 def _rescale_to_uint8(values: np.ndarray, *, low: float, high: float) -> np.ndarray:
     """Map [low, high] linearly onto 0..255 (float64 arithmetic, clipped, rounded)."""
-    if not high > low:  # a constant image has no contrast to stretch; keep it black rather than divide by 0
+    # A constant image has no contrast to stretch, and a range that is not finite none to map: keep it black
+    # rather than divide by 0 or infinity.
+    if not (math.isfinite(low) and math.isfinite(high) and high > low):
         return np.zeros(values.shape, dtype=np.uint8)
     unit = (values.astype(np.float64) - low) / (high - low)
-    return np.rint(np.clip(unit, 0.0, 1.0) * 255.0).astype(np.uint8)
+    # NaN pixels show black: casting NaN to uint8 would give whatever the platform makes of it.
+    return np.rint(np.nan_to_num(np.clip(unit, 0.0, 1.0), nan=0.0) * 255.0).astype(np.uint8)
 
 
 # --- DICOM ------------------------------------------------------------------------------------------------
 
 
-def _read_dicom(data: bytes) -> Dataset:
+def read_dicom(data: bytes, *, max_pixels: int) -> Dataset:
+    """Parse uploaded DICOM bytes (Part 10 or a bare dataset); a deflated dataset is inflated within a bound
+    derived from ``max_pixels`` (ImageTooLarge past it), and every parse failure is InvalidImage."""
     try:
-        dataset = pydicom.dcmread(BytesIO(data), force=True)
+        dataset = _read_deflated(data, max_pixels=max_pixels)
+        if dataset is None:
+            dataset = pydicom.dcmread(BytesIO(data), force=True)
     except _PYDICOM_ERRORS as exc:
         log.debug("pydicom could not read a DICOM upload: %s", type(exc).__name__)
         raise InvalidImage("corrupt DICOM file") from exc
     if not dataset.file_meta.get("TransferSyntaxUID"):
         # A bare dataset stream has no file meta; the encoding pydicom read it with is the transfer syntax.
         dataset.file_meta.TransferSyntaxUID = _transfer_syntax_from_encoding(*dataset.original_encoding)
+    return dataset
+
+
+def read_part10(data: bytes, *, max_pixels: int) -> Dataset:
+    """A DICOM Part 10 file as STOW-RS and C-STORE deliver it (preamble and file meta required, nothing forced);
+    a deflated dataset is inflated within the bound read_dicom uses (ImageTooLarge past it). pydicom's errors
+    propagate for the caller to name."""
+    dataset = _read_deflated(data, max_pixels=max_pixels)
+    return dataset if dataset is not None else pydicom.dcmread(BytesIO(data))
+
+
+def _read_deflated(data: bytes, *, max_pixels: int) -> Dataset | None:
+    """A Deflated Explicit VR Little Endian file, inflated here within a bound; None for any other file.
+
+    pydicom inflates such a dataset whole, in memory, before it reads one element: 50 MB of deflated zeros
+    would become 50 GB. No frame within ``max_pixels`` needs more than _INFLATED_BYTES_PER_PIXEL bytes a pixel,
+    so inflating stops past that (plus headroom), and the file is refused as the decompression bomb it is.
+    """
+    stream = BytesIO(data)
+    try:
+        if read_preamble(stream, force=True) is None:
+            return None
+        file_meta = FileMetaDataset(read_dataset(stream, is_implicit_VR=False, is_little_endian=True,
+                                                 stop_when=lambda tag, vr, length: tag >> 16 != 2))
+        if file_meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+            return None
+    except _PYDICOM_ERRORS:   # file meta this peek cannot read (implicit VR, say): pydicom's own reader decides
+        return None
+    limit = max_pixels * _INFLATED_BYTES_PER_PIXEL + _INFLATED_HEADROOM_BYTES
+    inflater, pending = zlib.decompressobj(-zlib.MAX_WBITS), memoryview(data)[stream.tell():]
+    pieces, size = [], 0
+    while True:   # in pieces, so a bomb costs at most `limit` bytes of memory before it is refused
+        piece = inflater.decompress(pending, _INFLATE_PIECE_BYTES)
+        pieces.append(piece)
+        size += len(piece)
+        if size > limit:
+            raise ImageTooLarge(f"deflated DICOM dataset inflates past {limit} bytes, more than an image within "
+                                f"the limit of {max_pixels} pixels needs ({_LIMIT_SETTING})")
+        pending = inflater.unconsumed_tail
+        if inflater.eof or not (pending or piece):
+            break
+    if not inflater.eof:
+        raise InvalidImage("corrupt DICOM file: its deflated dataset is truncated")
+    dataset = pydicom.dcmread(BytesIO(b"".join(pieces)), force=True)
+    dataset.file_meta = file_meta
+    file_meta.TransferSyntaxUID = ExplicitVRLittleEndian   # what the bytes read are now
     return dataset
 
 
@@ -286,6 +359,16 @@ def _check_dicom_geometry(dataset: Dataset, *, max_pixels: int, max_aspect_ratio
     if frame_count > 1:
         raise UnsupportedDicom(f"multi-frame DICOM is not supported yet (this one has {frame_count} frames)")
     _check_image_size(columns, rows, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio)
+
+
+def _check_photometric_term(dataset: Dataset) -> None:
+    """Refuse a photometric interpretation that is no term of the standard before a decoder calls it corrupt."""
+    try:
+        declared = dataset.get("PhotometricInterpretation")
+    except _PYDICOM_ERRORS as exc:
+        raise UnsupportedDicom("the DICOM photometric interpretation (0028,0004) is unreadable") from exc
+    if declared is not None and str(declared) not in _STANDARD_PHOTOMETRICS:
+        raise UnsupportedDicom("the DICOM photometric interpretation (0028,0004) is not a standard one")
 
 
 def _decode_dicom_pixels(dataset: Dataset) -> tuple[np.ndarray, str]:
@@ -325,6 +408,9 @@ def _greyscale_to_uint8(stored_pixels: np.ndarray, dataset: Dataset) -> np.ndarr
     if stored_pixels.ndim != 2:
         raise UnsupportedDicom(f"greyscale DICOM frame has shape {stored_pixels.shape}, expected (rows, columns)")
     modality_values = apply_modality_lut(stored_pixels, dataset)
+    if not np.isfinite(modality_values).all():   # a NaN or infinite slope, or one that overflows float64
+        raise UnsupportedDicom("the DICOM rescale slope and intercept (0028,1053 / 0028,1052) do not map the "
+                               "stored values to finite numbers")
     display = _apply_dataset_voi(modality_values, dataset)
     if display is not None:
         return _apply_presentation(display, dataset)
@@ -353,6 +439,9 @@ def _apply_dataset_voi(modality_values: np.ndarray, dataset: Dataset) -> np.ndar
     except _PYDICOM_ERRORS as exc:  # a malformed window (width 0, unknown VOI function) is no reason to refuse
         log.debug("DICOM VOI unusable, windowing from the data instead: %s", type(exc).__name__)
         return None
+    if not (np.isfinite(voi_values).all() and math.isfinite(low) and math.isfinite(high)):
+        log.debug("DICOM VOI gives values that are not finite (NaN or infinite window), windowing from the data")
+        return None   # pydicom lets a NaN centre or an infinite width through; it would render a black frame
     return _rescale_to_uint8(voi_values, low=low, high=high)
 
 

@@ -9,9 +9,9 @@ its pending deliveries (the SR, the webhook), which the delivery worker sends. R
 UIDs, never patient data.
 """
 import asyncio
-import io
 import logging
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -24,7 +24,8 @@ from pynetdicom import sop_class as sop
 
 from app import metrics
 from app.dicom.routing import Skip
-from app.errors import MedzeroError, UnsupportedDicom, UnsupportedSOPClass, WrongStudy
+from app.errors import ImageTooLarge, InvalidImage, MedzeroError, UnsupportedDicom, UnsupportedSOPClass, WrongStudy
+from app.imaging import read_part10
 from app.services.classify import UNCERTAIN, Classification, Classifier
 from app.services.routing import RoutingService
 from app.services.uploads import UploadedFile
@@ -62,8 +63,9 @@ class IngestService:
     def __init__(self, inbox: InboxRepository, routing: RoutingService, classifier: Classifier, *,
                  deliveries: Sequence[tuple[str, str]] = (), on_result: Callable[[], None] = lambda: None,
                  lease_seconds: float = 300.0, max_attempts: int = 8, retry_seconds: float = 1.0,
-                 workers: int = 4, idle_seconds: float = 0.5) -> None:
+                 workers: int = 4, idle_seconds: float = 0.5, max_pixels: int = 64 * 2**20) -> None:
         self._inbox = inbox
+        self._max_pixels = max_pixels                 # MEDZERO_MAX_IMAGE_PIXELS: bounds a deflated data set too
         self._routing = routing
         self._classifier = classifier
         self._deliveries = tuple(deliveries)          # (target, destination) each result is sent to
@@ -112,13 +114,14 @@ class IngestService:
                  f"skipped ({entry.reason})" if entry.state == "skipped" else entry.state)
         return Receipt(entry, new)
 
-    @staticmethod
-    def _checked(data: bytes, study: str | None) -> pydicom.Dataset:
+    def _checked(self, data: bytes, study: str | None) -> pydicom.Dataset:
         """The parsed instance, or UnsupportedDicom saying why it cannot be used."""
         try:
-            dataset = pydicom.dcmread(io.BytesIO(data))
-        except (InvalidDicomError, EOFError, ValueError, TypeError, OSError, KeyError) as exc:
+            dataset = read_part10(data, max_pixels=self._max_pixels)
+        except (InvalidDicomError, EOFError, ValueError, TypeError, OSError, KeyError, zlib.error) as exc:
             raise UnsupportedDicom(f"not a readable DICOM Part 10 instance ({type(exc).__name__})") from exc
+        except (ImageTooLarge, InvalidImage) as exc:    # a deflated data set: a bomb, or cut short
+            raise UnsupportedDicom(f"not a usable DICOM Part 10 instance: {exc.message}") from exc
         missing = [keyword for keyword in REQUIRED_UIDS if not str(dataset.get(keyword, "") or "")]
         if missing:
             raise UnsupportedDicom(f"the instance has no {', '.join(missing)}")

@@ -3,6 +3,8 @@ or not at all (a crash mid-write leaves the previous version intact). Writes are
 concurrent replaces of one label set each get their own version."""
 import numpy as np
 from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -94,7 +96,11 @@ class LabelSetRepository:
 
     def set_meta(self, key: str, value: str) -> None:
         with write_transaction(self._writers) as session:
-            session.merge(MetaRow(key=key, value=value))
+            # an upsert: replicas starting together may both set it (a select-then-insert would collide)
+            dialect = session.get_bind().dialect.name
+            insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
+            statement = insert(MetaRow).values(key=key, value=value)
+            session.execute(statement.on_conflict_do_update(index_elements=[MetaRow.key], set_={"value": value}))
 
     @staticmethod
     def _row(session: Session, name: str, *, for_update: bool = False) -> LabelSetRow:

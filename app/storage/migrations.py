@@ -38,9 +38,11 @@ def current_revision(engine: Engine) -> str | None:
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Bring the database to `revision`, the newest by default (nothing to do when it is there already)."""
+    target = head_revision() if revision == "head" else revision
+    if current_revision(engine) == target:    # a read: opening an up-to-date database waits for no writer
+        return
     with engine.execution_options(**{WRITE_OPTION: True}).connect() as connection, connection.begin():
         if connection.dialect.name == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(:lock)"), {"lock": UPGRADE_LOCK_ID})
-        target = head_revision() if revision == "head" else revision
-        if MigrationContext.configure(connection).get_current_revision() != target:
+        if MigrationContext.configure(connection).get_current_revision() != target:   # not done meanwhile
             command.upgrade(alembic_config(connection), target)

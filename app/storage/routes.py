@@ -5,6 +5,7 @@ from datetime import datetime
 
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 
 from app.errors import RoutesChanged
 from app.storage.db import RoutingRow, as_utc, session_factories, utcnow, write_transaction
@@ -33,6 +34,13 @@ class RouteRepository:
     def put(self, rules: list[dict], *, source: str, file_sha256: str | None = None,
             expected_version: int | None = None) -> StoredRoutes:
         """Replace the table (version + 1); Conflict when `expected_version` is given and is not the current."""
+        try:
+            return self._put(rules, source=source, file_sha256=file_sha256, expected_version=expected_version)
+        except IntegrityError:   # the first table ever, stored by a replica starting alongside: now there is a row
+            return self._put(rules, source=source, file_sha256=file_sha256, expected_version=expected_version)
+
+    def _put(self, rules: list[dict], *, source: str, file_sha256: str | None,
+             expected_version: int | None) -> StoredRoutes:
         with write_transaction(self._writers) as session:
             row = session.scalar(select(RoutingRow).where(RoutingRow.id == TABLE_ID).with_for_update())
             current = row.version if row else 0

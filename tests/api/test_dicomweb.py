@@ -3,6 +3,7 @@ re-sent), refusals with their failure reason; the worker classifies real DICOMs 
 import io
 import time
 import uuid
+import zlib
 from pathlib import Path
 
 import pydicom
@@ -173,3 +174,24 @@ def test_malformed_instances_never_make_a_500(client: TestClient) -> None:
     assert "not a valid UID" in stored.headers["warning"]
     assert client.get("/results/99999999999999999999").status_code == 422
     assert client.get("/results/0").status_code == 422
+
+
+def test_a_deflated_bomb_is_refused_before_it_is_inflated(tmp_path: Path) -> None:
+    """64 MB of zeros deflated to ~64 KB behind a Deflated Explicit VR file meta: pydicom alone would inflate it
+    whole in memory; STOW-RS refuses it once past what an image within MEDZERO_MAX_IMAGE_PIXELS could need."""
+    from pydicom.filewriter import write_file_meta_info
+    dataset = make_dicom_dataset()
+    dataset.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    header = pydicom.filebase.DicomBytesIO()
+    write_file_meta_info(header, dataset.file_meta, enforce_standard=True)
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    bomb_body = b"".join(compressor.compress(bytes(1 << 20)) for _ in range(64)) + compressor.flush()
+    bomb = b"\x00" * 128 + b"DICM" + header.getvalue() + bomb_body
+    (tmp_path / "routes.yaml").write_text(ROUTES)
+    with running_app(tiny_settings(tmp_path, dicom_routes_file=tmp_path / "routes.yaml",
+                                   max_image_pixels=64 * 64)) as client:
+        body, headers = multipart([bomb])
+        stored = client.post("/dicomweb/studies", content=body, headers=headers)
+        assert stored.status_code == 409, stored.text
+        assert "inflates past" in stored.headers["warning"]
+        assert client.get("/healthz").status_code == 200

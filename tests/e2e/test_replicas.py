@@ -33,12 +33,15 @@ def make_key(env: dict[str, str], scope: str) -> tuple[str, str]:
 def replicas(tmp_path: Path, postgres) -> Iterator[tuple[httpx.Client, httpx.Client, dict[str, str]]]:
     """Replicas a and b (own data dirs, one database); yields a client for each (admin key) and the env."""
     database_url = postgres.create_database()
+    # both import one routes file as they start together: the first table, and the built-ins, stored once
+    (tmp_path / "routes.yaml").write_text("rules: [{name: radiographs, modality: [CR], label_set: chest-xray-pneumonia}]")
     servers, clients = [], []
     try:
         for name in ("a", "b"):
             port = free_port()
             env = server_env(tmp_path / name, port, MEDZERO_DATABASE_URL=database_url, MEDZERO_AUTH="keys",
-                             MEDZERO_REPLICA_ID=f"replica-{name}", MEDZERO_RATE_LIMIT_PER_MINUTE="0")
+                             MEDZERO_REPLICA_ID=f"replica-{name}", MEDZERO_RATE_LIMIT_PER_MINUTE="0",
+                             MEDZERO_DICOM_ROUTES_FILE=str(tmp_path / "routes.yaml"))
             if name == "a":
                 _, admin = make_key(env, "admin")       # one key table: the key works on both
             with open(tmp_path / f"{name}.log", "wb") as log:     # the child keeps its own descriptor

@@ -1,5 +1,7 @@
 """The `medzero` command as a user runs it: a real uvicorn process over real HTTP (and a raw socket where the
 wire itself is the point)."""
+import asyncio
+import io
 import json
 import os
 import select
@@ -8,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,8 +18,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.api.test_dicomweb import multipart
 from tests.conftest import free_port, server_env, wait_ready
-from tests.factories import make_dicom_bytes, png_bytes, png_header_bytes
+from tests.factories import make_dicom_bytes, make_dicom_dataset, png_bytes, png_header_bytes
 
 pytestmark = pytest.mark.e2e
 MAX_UPLOAD_BYTES = 300_000
@@ -73,6 +77,74 @@ def test_server_process_serves_real_http_and_stays_bounded(tmp_path: Path) -> No
         assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
         assert sent_chunks < 3 * MAX_UPLOAD_BYTES // 32_768
         assert httpx.get(f"{base}/healthz").status_code == 200
+
+
+def test_an_early_refusal_reaches_a_client_still_sending_its_body(tmp_path: Path) -> None:
+    """413s (from Content-Length, and from the bounded read of one file) amid ordinary requests on shared
+    keep-alive connections: each client, still uploading megabytes, gets its JSON answer (the server reads the rest
+    first), never a connection reset that loses the answer."""
+    limit = 8 * 2**20
+    oversized = [b"\x89PNG\r\n\x1a\n" + bytes(size) for size in (limit, limit + 2**20)]
+    image = png_bytes(width=300, height=300)
+
+    async def load(base: str) -> Counter:
+        answers: Counter = Counter()
+        async with httpx.AsyncClient(base_url=base, timeout=60, limits=httpx.Limits(max_connections=8)) as client:
+            async def one_client(index: int) -> None:
+                for turn in range(12):
+                    data = oversized[(index + turn) % 2] if (index + turn) % 3 == 0 else image
+                    try:
+                        answer = await client.post("/classify", data={"label_set": "chest-xray-pneumonia"},
+                                                   files={"file": ("x.png", data)})
+                        outcome = str(answer.status_code)
+                        if answer.status_code == 413:
+                            outcome += " " + answer.json()["error"]["code"]
+                    except httpx.HTTPError as exc:
+                        outcome = type(exc).__name__
+                    answers[("oversized" if len(data) > limit else "image", outcome)] += 1
+            await asyncio.gather(*(one_client(index) for index in range(8)))
+        return answers
+
+    with serving(tmp_path, MEDZERO_MAX_UPLOAD_BYTES=str(limit)) as (_, base, _):
+        answers = asyncio.run(load(base))
+        assert answers == {("image", "200"): 64, ("oversized", "413 payload_too_large"): 32}, answers
+        assert httpx.get(f"{base}/healthz").status_code == 200
+
+
+def test_no_patient_identifier_reaches_the_logs_or_the_metrics(tmp_path: Path) -> None:
+    """Instances with a patient's name, id and birth date (classified, refused, re-sent) and a /classify of one:
+    none of the three appears in the info-level log or in /metrics."""
+    (tmp_path / "routes.yaml").write_text("rules: [{name: all, modality: [DX], label_set: chest-xray-pneumonia}]")
+    name, patient_id, birth_date = "Quenby^Wilhelmina", "PID-73519-X", "19410623"
+
+    def instance(**options) -> tuple[bytes, str]:
+        dataset = make_dicom_dataset(patient_name=name, **options)
+        dataset.PatientID, dataset.PatientBirthDate = patient_id, birth_date
+        buffer = io.BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        return buffer.getvalue(), str(dataset.StudyInstanceUID)
+
+    with serving(tmp_path, MEDZERO_LOG_LEVEL="debug", MEDZERO_DICOM_ROUTES_FILE=str(tmp_path / "routes.yaml")) as (
+            _, base, _):
+        classified, study = instance()
+        unrouted, _ = instance(modality="MR")                  # stored, then skipped: no rule for MR
+        unreadable = classified[:400]                          # the header, with the patient module, then nothing
+        body, headers = multipart([classified, classified, unrouted, unreadable])
+        assert httpx.post(f"{base}/dicomweb/studies", content=body, headers=headers, timeout=60).status_code in (200,
+                                                                                                               202)
+        answer = httpx.post(f"{base}/classify", data={"label_set": "chest-xray-pneumonia"},
+                            files={"file": ("x.dcm", classified, "application/dicom")}, timeout=60)
+        assert answer.status_code == 200
+        deadline = time.monotonic() + 60
+        while not httpx.get(f"{base}/results", params={"study": study}, timeout=10).json()["data"]:
+            assert time.monotonic() < deadline, "the instance was never classified"
+            time.sleep(0.2)
+        metrics = httpx.get(f"{base}/metrics", timeout=10).text
+    log = (tmp_path / "server.log").read_text(errors="replace")
+    assert "/dicomweb/studies" in log and "received" in log          # the log did record these requests
+    for identifier in (name, name.split("^")[0], patient_id, birth_date):
+        assert identifier not in log, identifier
+        assert identifier not in metrics, identifier
 
 
 def stream_until_answered(port: int, *, chunk_bytes: int, max_chunks: int) -> tuple[int, bytes]:

@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, UploadFile, status
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import AdminDep, RuntimeDep
+from app.api.deps import BODY_ERRORS, AdminDep, RuntimeDep
 from app.api.schemas import AdapterPublic, AdaptersPublic, ErrorBody
 from app.errors import InvalidAdapter
 from app.methods.bundle import Adapter
@@ -15,7 +15,7 @@ router = APIRouter(prefix="/adapters", tags=["adapters"])
 ERRORS = {code: {"model": ErrorBody} for code in (401, 404, 409, 413, 422, 503)}
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, responses=ERRORS, dependencies=[AdminDep])
+@router.post("", status_code=status.HTTP_201_CREATED, responses={**ERRORS, **BODY_ERRORS}, dependencies=[AdminDep])
 async def upload_adapter(files: Annotated[list[UploadFile], File(
         description="adapter.safetensors and manifest.json, or one .tar.gz / .zip holding them.")],
                          runtime: RuntimeDep) -> AdapterPublic:

@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, UploadFile
 
 from app import metrics
-from app.api.deps import RuntimeDep
+from app.api.deps import BODY_ERRORS, RuntimeDep
 from app.api.schemas import (
     BatchItem,
     BatchResult,
@@ -23,7 +23,7 @@ from app.services.classify import UNCERTAIN, Classification
 from app.services.uploads import uploaded
 
 router = APIRouter(prefix="/classify", tags=["classify"])
-ERRORS = {code: {"model": ErrorBody} for code in (404, 413, 415, 422, 503)}
+ERRORS = {**{code: {"model": ErrorBody} for code in (404, 409, 415, 422, 503)}, **BODY_ERRORS}
 Params = Annotated[ClassifyParams, Depends()]
 
 

@@ -4,7 +4,7 @@ from email.parser import BytesParser
 from email.policy import HTTP
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydicom.dataset import Dataset
 from starlette.concurrency import run_in_threadpool
 
@@ -14,19 +14,39 @@ from app.errors import InvalidInput, MedzeroError, PayloadTooLarge, UnsupportedM
 from app.services.ingest import Receipt
 
 router = APIRouter(tags=["dicom"])
-ERRORS = {code: {"model": ErrorBody} for code in (400, 404, 413, 415, 503)}
+
+
+class DicomJSONResponse(JSONResponse):
+    media_type = "application/dicom+json"
+
+
+# what the answer is, documented by hand: `response_class=Response` keeps FastAPI from also listing application/json
+# for 200 (the errors still are application/json, the one error shape)
+RESPONSE_DATASET = {"application/dicom+json": {"schema": {"type": "object", "description": "PS3.18 response "
+                                                          "dataset: ReferencedSOPSequence, FailedSOPSequence."}}}
+RESPONSES = {200: {"description": "Every instance stored (ReferencedSOPSequence).", "content": RESPONSE_DATASET},
+             202: {"description": "Some instances stored, some failed (FailedSOPSequence, Warning headers).",
+                   "content": RESPONSE_DATASET},
+             409: {"description": "No instance stored (FailedSOPSequence, Warning headers).",
+                   "content": RESPONSE_DATASET},
+             **{code: {"model": ErrorBody} for code in (400, 404, 408, 413, 415, 422, 503)}}
+# the body is read raw, so FastAPI cannot describe it by itself
+STOW_BODY = {"requestBody": {"required": True, "content": {"multipart/related": {"schema": {
+    "type": "string", "format": "binary",
+    "description": 'Parts of type application/dicom; Content-Type: multipart/related; type="application/dicom"; '
+                   "boundary=..."}}}}}
 # PS3.4 / PS3.18 failure reasons in FailedSOPSequence
 CANNOT_UNDERSTAND, NOT_THIS_STUDY, PROCESSING_FAILURE, SOP_CLASS_NOT_SUPPORTED = 0xC000, 0xA900, 0x0110, 0x0122
 MAX_WARNINGS = 20                        # Warning headers naming why instances failed (PS3.18 §8.6.2: code 299)
 
 
-@router.post("/dicomweb/studies", responses=ERRORS, include_in_schema=True)
+@router.post("/dicomweb/studies", responses=RESPONSES, response_class=Response, openapi_extra=STOW_BODY)
 async def store_instances(request: Request, runtime: RuntimeDep) -> JSONResponse:
     """STOW-RS: store instances for classification (routed by MEDZERO_DICOM_ROUTES_FILE)."""
     return await _store(request, runtime, None)
 
 
-@router.post("/dicomweb/studies/{study}", responses=ERRORS)
+@router.post("/dicomweb/studies/{study}", responses=RESPONSES, response_class=Response, openapi_extra=STOW_BODY)
 async def store_study_instances(study: str, request: Request, runtime: RuntimeDep) -> JSONResponse:
     """STOW-RS into one study: instances of another study are refused (FailedSOPSequence)."""
     return await _store(request, runtime, study)
@@ -52,8 +72,8 @@ async def _store(request: Request, runtime: RuntimeDep, study: str | None) -> JS
     response.FailedSOPSequence = [_failed(data, exc) for data, exc in failed]
     status = 200 if not failed else 202 if stored else 409
     warnings = [f'299 medzero "{_header_text(str(exc))}"' for _, exc in failed[:MAX_WARNINGS]]
-    return JSONResponse(response.to_json_dict(), status_code=status, media_type="application/dicom+json",
-                        headers={"Warning": ", ".join(warnings)} if warnings else None)
+    return DicomJSONResponse(response.to_json_dict(), status_code=status,
+                             headers={"Warning": ", ".join(warnings)} if warnings else None)
 
 
 def dicom_parts(content_type: str, body: bytes) -> list[bytes]:

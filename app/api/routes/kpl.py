@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, UploadFile, status
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import AdminDep, RuntimeDep
+from app.api.deps import BODY_ERRORS, AdminDep, RuntimeDep
 from app.api.schemas import BatchItem, ErrorBody, ErrorDetail, EvidenceDescription, KPLFitPublic, parse_class_prior
 from app.errors import InvalidInput
 from app.methods.kpl import KPLFit
@@ -16,9 +16,11 @@ router = APIRouter(tags=["kpl"])
 ERRORS = {code: {"model": ErrorBody} for code in (401, 404, 413, 422, 503)}
 
 
-@router.post("/labels/{name}/kpl", status_code=status.HTTP_201_CREATED, responses=ERRORS, dependencies=[AdminDep])
+@router.post("/labels/{name}/kpl", status_code=status.HTTP_201_CREATED, responses={**ERRORS, **BODY_ERRORS},
+              dependencies=[AdminDep])
 async def fit_kpl(name: str, runtime: RuntimeDep,
-                  files: Annotated[list[UploadFile] | None, File(description="Unlabelled pool images.")] = None,
+                  # a plain file array in the schema (not anyOf null), so clients send its items as files
+                  files: Annotated[list[UploadFile], File(default_factory=list, description="Unlabelled pool images.")],
                   folder: Annotated[str | None, Form(description="A folder under MEDZERO_KPL_POOL_ROOT.")] = None,
                   class_prior: Annotated[str | None, Form(
                       description='Expected class shares as JSON, e.g. {"normal": 0.7, "pneumonia": 0.3}; '

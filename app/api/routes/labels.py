@@ -2,7 +2,7 @@
 handlers: FastAPI runs them on its thread pool, from where text embeddings are handed to the encoder thread."""
 from fastapi import APIRouter, status
 
-from app.api.deps import AdminDep, RuntimeDep
+from app.api.deps import BODY_ERRORS, AdminDep, RuntimeDep
 from app.api.schemas import ErrorBody, LabelSetCreate, LabelSetPublic, LabelSetsPublic
 
 router = APIRouter(prefix="/labels", tags=["labels"])
@@ -20,7 +20,8 @@ def list_label_sets(runtime: RuntimeDep) -> LabelSetsPublic:
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, dependencies=[AdminDep],
-             responses={409: {"model": ErrorBody, "description": "The name is taken."}, **WRITE_ERRORS})
+             responses={409: {"model": ErrorBody, "description": "The name is taken."}, **BODY_ERRORS,
+                        **WRITE_ERRORS})
 def create_label_set(body: LabelSetCreate, runtime: RuntimeDep) -> LabelSetPublic:
     """Register a label set; its class text embeddings are computed now and cached under the model id."""
     return LabelSetPublic.from_domain(runtime.label_sets.create(body))
@@ -31,7 +32,7 @@ def get_label_set(name: str, runtime: RuntimeDep) -> LabelSetPublic:
     return LabelSetPublic.from_domain(runtime.repository.get(name))
 
 
-@router.put("/{name}", dependencies=[AdminDep], responses={**NOT_FOUND, **WRITE_ERRORS})
+@router.put("/{name}", dependencies=[AdminDep], responses={**NOT_FOUND, **BODY_ERRORS, **WRITE_ERRORS})
 def replace_label_set(name: str, body: LabelSetCreate, runtime: RuntimeDep) -> LabelSetPublic:
     """Replace a label set with a new version (embeddings recomputed; the old version stays until this commits)."""
     return LabelSetPublic.from_domain(runtime.label_sets.replace(name, body))

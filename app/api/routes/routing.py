@@ -3,7 +3,7 @@ survives restarts; MEDZERO_DICOM_ROUTES_FILE is imported again only when its con
 from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import MALFORMED_BODY, AdminDep, RuntimeDep
+from app.api.deps import BODY_ERRORS, AdminDep, RuntimeDep
 from app.api.schemas import ErrorBody, RoutesPublic, RoutesUpdate
 from app.dicom.routing import RoutingTable
 from app.errors import UnknownMethod
@@ -19,7 +19,7 @@ async def get_routes(runtime: RuntimeDep) -> RoutesPublic:
     return routes_public(runtime.routing)
 
 
-@router.put("", dependencies=[AdminDep], responses={**MALFORMED_BODY, **ERRORS})
+@router.put("", dependencies=[AdminDep], responses={**ERRORS, **BODY_ERRORS})
 async def put_routes(update: RoutesUpdate, runtime: RuntimeDep) -> RoutesPublic:
     """Replace the rules; instances received from now on are routed by them (queued ones keep their route)."""
     routing, label_sets, methods = runtime.routing, runtime.label_sets, runtime.classifier.method_names

@@ -4,7 +4,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile, status
 
-from app.api.deps import AdminDep, RuntimeDep
+from app.api.deps import BODY_ERRORS, AdminDep, RuntimeDep
 from app.api.schemas import BatchItem, ErrorBody, ErrorDetail, SupportPublic, SupportUploadPublic
 from app.errors import PayloadTooLarge
 from app.methods.base import ClassHead
@@ -15,7 +15,7 @@ router = APIRouter(tags=["fewshot"])
 ERRORS = {code: {"model": ErrorBody} for code in (401, 404, 409, 413, 422, 503)}
 
 
-@router.post("/labels/{name}/support", dependencies=[AdminDep], responses=ERRORS)
+@router.post("/labels/{name}/support", dependencies=[AdminDep], responses={**ERRORS, **BODY_ERRORS})
 async def add_support(name: str, runtime: RuntimeDep,
                       files: Annotated[list[UploadFile], File(description="Labelled images (PNG, JPEG, TIFF, DICOM).")],
                       classes: Annotated[list[str], Form(description="The class of each file, in the same order.")],
