@@ -20,6 +20,9 @@ ADMITTED_IMAGES = Gauge("medzero_admitted_images",
                         "Images holding an admission permit: being read, decoded, queued or encoded.")
 MODEL_LOAD_SECONDS = Gauge("medzero_model_load_seconds", "Seconds the encoder took to load and warm up.")
 MODEL = Info("medzero_model", "Loaded encoder.")
+IMAGE_ENGINE = Info("medzero_image_engine", "The image tower's engine, its precision and why it was chosen.")
+ENGINE_SETUP_SECONDS = Gauge("medzero_image_engine_setup_seconds",
+                             "Seconds spent exporting, compiling and probing image engines at start-up.")
 READY = Gauge("medzero_ready", "1 when the encoder is loaded and warm.")
 PREDICTIONS = Counter("medzero_predictions_total",
                       "Top-1 predictions by label set, label and method (built-in and allow-listed label sets by "

@@ -95,6 +95,7 @@ class Core:
 
 class Runtime:
     def __init__(self, settings: Settings) -> None:
+        self.startup_seconds: float | None = None      # start to ready: model, engine, label sets, index
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.engine = create_db_engine(settings.resolved_database_url, busy_timeout_ms=settings.db_busy_timeout_ms)
@@ -257,10 +258,16 @@ class Runtime:
             self._fail(f"start-up failed: {type(exc).__name__}: {exc}")
             raise MedzeroError(self._failure) from exc
         load_seconds = time.perf_counter() - started
+        self.startup_seconds = load_seconds
         metrics.MODEL_LOAD_SECONDS.set(load_seconds)
         metrics.MODEL.info({"model_id": encoder.model_id, "device": str(encoder.device),
                             "precision": self.settings.precision,
                             "pretrained_weights": str(encoder.has_pretrained_weights).lower()})
+        engine = encoder.image_engine
+        if engine is not None:
+            metrics.IMAGE_ENGINE.info({"engine": engine.choice.engine, "precision": engine.choice.precision,
+                                       "reason": engine.reason})
+            metrics.ENGINE_SETUP_SECONDS.set(engine.seconds)
         metrics.READY.set(1)
         self._state = "ready"
         log.info("ready: %s on %s, %d label sets, %.1f s", encoder.model_id, encoder.device,

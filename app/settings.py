@@ -42,6 +42,8 @@ class Settings(BaseSettings):
 
     # model: any open_clip id, untouched
     model_name: str = DEFAULT_MODEL_NAME       # built-in name, hf-hub:org/repo, or local-dir:/path
+    # the image tower's engine: auto (measured at start-up, app/encoders/engines.py) or ENGINE[:PRECISION]
+    engine: str = Field("auto", pattern=r"^(auto|torch|onnxruntime|openvino)(:(fp32|bf16|int8))?$")
     pretrained: str | None = None              # tag for built-in names ("openai") or a checkpoint file path
     model_config_dir: Path = BUNDLED_MODEL_DIR  # extra open_clip architecture JSON (tiny test configs too)
     cache_dir: Path | None = None              # hub download cache; default: huggingface_hub's own

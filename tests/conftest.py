@@ -20,14 +20,16 @@ TINY_MODEL = "medzero-tiny"
 
 
 def tiny_settings(data_dir: Path, **overrides) -> Settings:
-    values = dict(data_dir=data_dir, model_name=TINY_MODEL, max_wait_ms=2.0, log_level="warning", auth="off")
+    # the torch engine: MEDZERO_ENGINE=auto's probe is tested on its own (tests/encoders/test_engines.py)
+    values = dict(data_dir=data_dir, model_name=TINY_MODEL, max_wait_ms=2.0, log_level="warning", auth="off",
+                  engine="torch")
     return Settings(**{**values, **overrides})
 
 
 def tiny_model_env(data_dir: Path) -> dict[str, str]:
     """The same configuration as `tiny_settings`, as a server process reads it."""
     return {"MEDZERO_DATA_DIR": str(data_dir), "MEDZERO_MODEL_NAME": TINY_MODEL, "MEDZERO_LOG_LEVEL": "warning",
-            "MEDZERO_AUTH": "off",
+            "MEDZERO_AUTH": "off", "MEDZERO_ENGINE": "torch",
             "PYTHONUNBUFFERED": "1"}
 
 

@@ -243,6 +243,9 @@ class Readiness(BaseModel):
     methods: list[str] | None = Field(None, description="Methods /classify accepts.")
     transductive_methods: list[str] | None = Field(None, description="Methods /classify/batch can run "
                                                                      "transductively.")
+    engine: dict | None = Field(None, description="The image tower's engine: engine, precision, why it runs "
+                                                  "(MEDZERO_ENGINE), start-up seconds, and the probe's results.")
+    startup_seconds: float | None = Field(None, description="Seconds from start to ready.")
     detail: str | None = None
 
 

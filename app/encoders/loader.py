@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from open_clip.factory import parse_model_name
 from PIL import Image
 
+from app.encoders.engines import ImageEngine, select_engine
 from app.encoders.tower_variants import TowerVariant
 from app.errors import ModelLoadError
 from app.settings import DEMO_MODEL_NAME, Settings
@@ -41,6 +42,7 @@ class Encoder:
     device: torch.device
     dtype: torch.dtype
     has_pretrained_weights: bool
+    image_engine: ImageEngine | None = None             # MEDZERO_ENGINE's forward of the image tower (no variant)
 
     @property
     def logit_scale(self) -> float:
@@ -58,7 +60,9 @@ class Encoder:
         vision tower runs changed as a method's state says (a MedUnA adapter's prompt tokens, HiCA's tuned
         weights)."""
         pixels = images.to(self.device, self.dtype, non_blocking=True)
-        if variant is None:
+        if variant is None and self.image_engine is not None:
+            features = self.image_engine.forward(pixels)
+        elif variant is None:
             features = self.model.encode_image(pixels)
         else:
             features = variant.image_features(self.model.visual, pixels)
@@ -201,8 +205,14 @@ def load_encoder(settings: Settings) -> Encoder:
     except RuntimeError as exc:
         raise ModelLoadError(f"warm-up forward failed on {device} at MEDZERO_PRECISION={settings.precision}: "
                              f"{exc}. Try MEDZERO_PRECISION=fp32 (fp16 is for CUDA).") from exc
-    log.info("loaded %s on %s (%s) in %.1f s", encoder.model_id, device, settings.precision,
-             time.perf_counter() - started)
+    pixel_shape = tuple(encoder.preprocess(Image.new("RGB", (256, 256))).unsqueeze(0).shape)
+    encoder.image_engine = select_engine(settings.engine, model.visual, model_id=encoder.model_id,
+                                         pixel_shape=pixel_shape, cache_root=settings.data_dir / "engines",
+                                         threads=torch.get_num_threads(), batch=min(settings.max_batch_size, 8),
+                                         device=device, precision=settings.precision)
+    encoder.warm_up()                                  # once more, through the engine requests will use
+    log.info("loaded %s on %s (%s) in %.1f s; image engine %s: %s", encoder.model_id, device, settings.precision,
+             time.perf_counter() - started, encoder.image_engine.choice.spec, encoder.image_engine.reason)
     return encoder
 
 

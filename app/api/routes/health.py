@@ -1,10 +1,13 @@
 """Liveness, readiness and Prometheus metrics."""
+from dataclasses import asdict
+
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.api.deps import RuntimeDep
 from app.api.schemas import Health, Readiness
+from app.encoders.engines import ImageEngine
 
 router = APIRouter(tags=["health"])
 
@@ -25,7 +28,16 @@ async def readyz(runtime: RuntimeDep) -> JSONResponse:
     return JSONResponse(Readiness(status="ready", model=encoder.model_id, device=str(encoder.device),
                                   pretrained_weights=encoder.has_pretrained_weights,
                                   methods=classifier.method_names,
-                                  transductive_methods=classifier.transductive_method_names).model_dump())
+                                  transductive_methods=classifier.transductive_method_names,
+                                  engine=engine_public(encoder.image_engine),
+                                  startup_seconds=runtime.startup_seconds).model_dump())
+
+
+def engine_public(engine: ImageEngine | None) -> dict | None:
+    if engine is None:
+        return None
+    return {"engine": engine.choice.engine, "precision": engine.choice.precision, "reason": engine.reason,
+            "setup_seconds": round(engine.seconds, 2), "probe": [asdict(result) for result in engine.probe]}
 
 
 @router.get("/metrics", include_in_schema=False)
