@@ -142,6 +142,9 @@ class Batcher:
             raise NotReady("the encoder is shutting down") from None
         return future.result()
 
+    def _stack_and_encode(self, pixels: list[torch.Tensor], *variant: object) -> torch.Tensor:
+        return self._encode_images(torch.stack(pixels), *variant)
+
     def _on_encoder_thread(self, fn: Callable[..., T], *args: object) -> T:
         self._encoder_thread = threading.get_ident()
         return fn(*args)
@@ -158,10 +161,11 @@ class Batcher:
                 metrics.STAGE_SECONDS.labels(stage="queue").observe(started - pending.enqueued_at)
             self._in_flight = batch
             try:
-                pixels = torch.stack([p.pixels for p in batch])
                 variant = () if batch[0].variant is None else (batch[0].variant,)
-                features = await loop.run_in_executor(self._executor, self._on_encoder_thread, self._encode_images,
-                                                      pixels, *variant)
+                # the batch tensor is assembled on the encoder thread too: a copy of up to max_batch_size images
+                # the event loop should not wait on
+                features = await loop.run_in_executor(self._executor, self._on_encoder_thread, self._stack_and_encode,
+                                                      [p.pixels for p in batch], *variant)
                 if len(features) != len(batch):
                     raise RuntimeError(f"the encoder returned {len(features)} embeddings for {len(batch)} images")
             except Exception as exc:   # a failed forward fails its requests, never the worker

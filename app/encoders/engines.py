@@ -317,6 +317,10 @@ def select_engine(setting: str, tower: torch.nn.Module, *, model_id: str, pixel_
             result.spec = candidate.spec
             results.append(result)
             log.info("engine probe: %s", result)
+        # torch once more, after the others: the baseline is its better run, so a burst of other load on the
+        # machine during its first run cannot make a slower engine look faster
+        again = measure(tower, pixels, reference)
+        results[0].images_per_second = max(results[0].images_per_second, again.images_per_second)
         spec, reason = choose(results)
         cache.save_probe(flags, threads, batch, results, spec, reason)
     choice = parse_engine(spec) or EngineChoice("torch", "fp32")
