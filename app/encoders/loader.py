@@ -59,6 +59,8 @@ class Encoder:
         """(n, 3, H, W) preprocessed pixels -> (n, dim) float32 on the CPU, L2-normalised; with `variant` the
         vision tower runs changed as a method's state says (a MedUnA adapter's prompt tokens, HiCA's tuned
         weights)."""
+        if self.device.type == "cuda":   # page-locked, so the copy to the GPU is one DMA instead of staged
+            images = images.pin_memory()
         pixels = images.to(self.device, self.dtype, non_blocking=True)
         if variant is None and self.image_engine is not None:
             features = self.image_engine.forward(pixels)
