@@ -14,11 +14,20 @@ Prints a Markdown table with the ratios HTTP / raw. Run from the repository root
 
     .venv/bin/python benchmarks/throughput.py                       # tiny random-init model, CPU
     .venv/bin/python benchmarks/throughput.py --model-name ViT-B-16 --pretrained openai --device cuda
+
+With --compare: the raw torch rows, then medzero once per --engines value (MEDZERO_ENGINE), the plain FastAPI +
+open_clip peer (benchmarks/peers/plain_server.py) and infinity-emb where --infinity-python can import it, one
+after another under the same --clients single-image load; one table of img/s, p50/p95/p99, peak RSS (VmHWM),
+start-up seconds and the ratios to raw torch and to medzero:
+
+    .venv/bin/python benchmarks/throughput.py --compare --engines torch,onnxruntime --images 16 --clients 4
 """
 import argparse
 import asyncio
+import base64
 import gc
 import itertools
+import json
 import os
 import signal
 import socket
@@ -28,14 +37,20 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
+import open_clip
 import torch
+from accuracy import cpu_flags  # benchmarks/accuracy.py, beside this script
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from open_clip.factory import parse_model_name
+from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -53,6 +68,8 @@ WARM_UP_REQUESTS = 8
 BATCH_SIZE_METRIC = "medzero_encoder_batch_size"
 STAGE_METRIC = "medzero_stage_duration_seconds"
 STAGES = ("decode", "queue", "encode", "score")   # encode is observed once per forward, the others per image
+PLAIN_SERVER = REPO_ROOT / "benchmarks" / "peers" / "plain_server.py"
+INFINITY_MODEL = "medzero-peer"     # the name infinity serves the model under (--served-model-name)
 
 
 @dataclass
@@ -149,6 +166,8 @@ def server_env(args: argparse.Namespace, data_dir: Path, port: int) -> dict[str,
            "MEDZERO_LOG_LEVEL": "warning",   # no access log line per request
            "MEDZERO_AUTH": "off"}            # a throwaway server on loopback: no keys to provision
     env.pop("MEDZERO_DEMO", None)
+    if getattr(args, "engine", None):     # throughput.py's own run: the raw path's engine, on the server too
+        env["MEDZERO_ENGINE"] = args.engine
     if args.pretrained:
         env["MEDZERO_PRETRAINED"] = args.pretrained
     else:
@@ -156,19 +175,23 @@ def server_env(args: argparse.Namespace, data_dir: Path, port: int) -> dict[str,
     return env
 
 
-def wait_ready(base_url: str, server: subprocess.Popen, log_path: Path) -> dict:
+class ServerFailed(SystemExit):
+    """A server died or never turned ready: ends a plain run; --compare reports it in that server's row."""
+
+
+def wait_ready(base_url: str, server: subprocess.Popen, log_path: Path, route: str = "/readyz") -> dict:
     deadline = time.monotonic() + READY_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise SystemExit(f"server exited with {server.returncode} before ready:\n{tail(log_path)}")
+            raise ServerFailed(f"server exited with {server.returncode} before ready:\n{tail(log_path)}")
         try:
-            response = httpx.get(f"{base_url}/readyz", timeout=5)
+            response = httpx.get(f"{base_url}{route}", timeout=5)
             if response.status_code == 200:
                 return response.json()
         except httpx.TransportError:
             pass
         time.sleep(0.25)
-    raise SystemExit(f"server not ready after {READY_TIMEOUT_SECONDS:.0f} s:\n{tail(log_path)}")
+    raise ServerFailed(f"server not ready after {READY_TIMEOUT_SECONDS:.0f} s:\n{tail(log_path)}")
 
 
 def tail(log_path: Path, lines: int = 30) -> str:
@@ -189,21 +212,21 @@ def histogram_totals(base_url: str) -> Counter:
     return totals
 
 
-async def post_all(base_url: str, requests: list[list[bytes]], route: str, label_set: str,
-                   clients: int) -> tuple[float, list[float], Counter]:
-    """`clients` concurrent clients take requests (lists of PNG payloads) off one queue until none are left;
+Send = Callable[[httpx.AsyncClient, Any], Awaitable[httpx.Response]]   # one request for one item
+
+
+async def run_clients(base_url: str, items: list, clients: int, send: Send) -> tuple[float, list[float], Counter]:
+    """`clients` concurrent clients take items off one queue and `send` each until none are left;
     returns (wall seconds, per-request latencies in ms, non-200 statuses)."""
-    pending: Iterator[list[bytes]] = iter(requests)
+    pending: Iterator = iter(items)
     latencies_ms: list[float] = []
     errors: Counter = Counter()
-    field_name = "files" if route.endswith("/batch") else "file"
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
 
     async def client_loop(client: httpx.AsyncClient) -> None:
-        for payloads in pending:   # a shared iterator: each request is taken by exactly one client
-            files = [(field_name, (f"image{i}.png", data, "image/png")) for i, data in enumerate(payloads)]
+        for item in pending:   # a shared iterator: each request is taken by exactly one client
             started = time.perf_counter()
-            response = await client.post(route, files=files, data={"label_set": label_set})
+            response = await send(client, item)
             latencies_ms.append((time.perf_counter() - started) * 1000)
             if response.status_code != 200:
                 errors[response.status_code] += 1
@@ -212,6 +235,23 @@ async def post_all(base_url: str, requests: list[list[bytes]], route: str, label
         started = time.perf_counter()
         await asyncio.gather(*(client_loop(client) for _ in range(clients)))
         return time.perf_counter() - started, latencies_ms, errors
+
+
+def multipart_sender(route: str, label_set: str) -> Send:
+    """Posts a request's PNG payloads as multipart `file` (`files` for /classify/batch) with the label set."""
+    field_name = "files" if route.endswith("/batch") else "file"
+
+    def send(client: httpx.AsyncClient, payloads: list[bytes]) -> Awaitable[httpx.Response]:
+        files = [(field_name, (f"image{i}.png", data, "image/png")) for i, data in enumerate(payloads)]
+        return client.post(route, files=files, data={"label_set": label_set})
+
+    return send
+
+
+async def post_all(base_url: str, requests: list[list[bytes]], route: str, label_set: str,
+                   clients: int) -> tuple[float, list[float], Counter]:
+    """`clients` concurrent clients post requests (lists of PNG payloads) to `route` until none are left."""
+    return await run_clients(base_url, requests, clients, multipart_sender(route, label_set))
 
 
 def measure_http(base_url: str, requests: list[list[bytes]], route: str, label_set: str, clients: int,
@@ -272,12 +312,287 @@ def stop_server(server: subprocess.Popen) -> None:
             server.wait()
 
 
+# -- --compare: medzero once per engine, the plain peer and infinity, one after another
+
+@dataclass
+class PeerRow:
+    name: str
+    engine: str                                               # engine / precision, as the server reports it
+    images_per_second: float | None = None                    # None: skipped or failed (`note` says why)
+    latencies_ms: list[float] = field(default_factory=list)   # per request, client-side
+    peak_rss_mib: float | None = None                         # VmHWM of the server process
+    startup_seconds: float | None = None                      # process start to the first 200 of its ready route
+    errors: Counter = field(default_factory=Counter)          # HTTP status -> count
+    note: str = ""
+
+
+@dataclass
+class Peer:
+    """One server for --compare: how to start it, when it is ready and what one client request is."""
+    name: str
+    command: list[str]
+    env: dict[str, str]
+    port: int
+    send: Send
+    items: list                                               # one per image, what `send` takes
+    ready_route: str = "/readyz"
+    engine: str = ""                                          # when the ready route does not say
+
+
+def peak_rss_mib(pid: int) -> float | None:
+    """VmHWM (peak resident set) of a live process, from /proc (Linux only)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    line = next((line for line in status.splitlines() if line.startswith("VmHWM:")), None)
+    return int(line.split()[1]) / 1024 if line else None
+
+
+def run_peer(peer: Peer, clients: int, log_path: Path) -> tuple[PeerRow, dict]:
+    """Start the server, time it to ready, warm it up, then `clients` clients send every item once; the row and
+    the ready route's JSON. ServerFailed when it dies or never turns ready; it is stopped either way."""
+    base_url = f"http://127.0.0.1:{peer.port}"
+    started = time.perf_counter()
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(peer.command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=peer.env)
+    try:
+        readiness = wait_ready(base_url, server, log_path, peer.ready_route)
+        startup_seconds = time.perf_counter() - started
+        asyncio.run(run_clients(base_url, peer.items[:WARM_UP_REQUESTS], 1, peer.send))
+        seconds, latencies_ms, errors = asyncio.run(run_clients(base_url, peer.items, clients, peer.send))
+        peak = peak_rss_mib(server.pid)
+        if server.poll() is not None:
+            raise ServerFailed(f"server died during the benchmark:\n{tail(log_path)}")
+    finally:
+        stop_server(server)
+    return PeerRow(peer.name, "", len(peer.items) / seconds, latencies_ms, peak, startup_seconds, errors), readiness
+
+
+def medzero_peer(args: argparse.Namespace, engine: str, payloads: list[bytes], work_dir: Path) -> Peer:
+    """`python -m app serve` with MEDZERO_ENGINE=engine and a fresh data dir, whose engines/ folder is shared by
+    every medzero run of this comparison (graphs exported once; no run sees another's database or index)."""
+    data_dir = work_dir / f"medzero-{engine.replace(':', '-')}" / "data"
+    data_dir.mkdir(parents=True)
+    (work_dir / "engines").mkdir(exist_ok=True)
+    (data_dir / "engines").symlink_to(work_dir / "engines", target_is_directory=True)
+    port = free_port()
+    env = {**server_env(args, data_dir, port), "MEDZERO_ENGINE": engine}
+    return Peer(f"medzero `{engine}`", [sys.executable, "-m", "app", "serve"], env, port,
+                multipart_sender("/classify", args.label_set), [[data] for data in payloads])
+
+
+def plain_peer(args: argparse.Namespace, payloads: list[bytes]) -> Peer:
+    port = free_port()
+    command = [sys.executable, str(PLAIN_SERVER), "--model-name", args.model_name, "--port", str(port),
+               "--device", args.device]
+    if args.pretrained:
+        command += ["--pretrained", args.pretrained]
+    # the same multipart request as medzero's; the plain server ignores the label_set field (its prompts are fixed)
+    return Peer("plain FastAPI + open_clip", command, dict(os.environ), port,
+                multipart_sender("/classify", args.label_set), [[data] for data in payloads])
+
+
+def infinity_peer(args: argparse.Namespace, payloads: list[bytes], work_dir: Path) -> tuple[Peer | None, str]:
+    """infinity-emb serving a transformers CLIPModel of the same shapes, or (None, why not)."""
+    python = args.infinity_python
+    probe = subprocess.run([python, "-c", "import infinity_emb, aiohttp; print(infinity_emb.__version__)"],
+                           check=False, capture_output=True, text=True, timeout=120)
+    if probe.returncode != 0:
+        last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
+        return None, f"`import infinity_emb, aiohttp` fails in {python}: {last} (see --infinity-python)"
+    version = probe.stdout.strip()
+    if args.infinity_model:
+        model, what = args.infinity_model, f"`{args.infinity_model}`"
+    else:
+        folder = work_dir / "infinity-model"
+        why_not = write_transformers_clip(args.model_name, folder)
+        if why_not:
+            return None, f"infinity-emb {version} is installed, but {why_not}; pass --infinity-model"
+        model = str(folder)
+        what = (f"a transformers `CLIPModel` with `{args.model_name}`'s shapes and random weights (infinity loads "
+                "transformers models, not open_clip ones)")
+    port = free_port()
+    dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[args.precision]
+    command = [python, "-m", "infinity_emb.cli", "v2", "--model-id", model, "--served-model-name", INFINITY_MODEL,
+               "--host", "127.0.0.1", "--port", str(port), "--engine", "torch", "--device", args.device,
+               "--dtype", dtype, "--batch-size", str(args.batch_size), "--log-level", "warning"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0"}
+
+    def send(client: httpx.AsyncClient, data_uri: str) -> Awaitable[httpx.Response]:
+        return client.post("/embeddings", json={"model": INFINITY_MODEL, "input": [data_uri], "modality": "image"})
+
+    items = [f"data:image/png;base64,{base64.b64encode(data).decode()}" for data in payloads]
+    return Peer(f"infinity-emb {version}", command, env, port, send, items, ready_route="/health",
+                engine=f"torch {args.precision} (transformers)"), (
+        f"infinity-emb {version} served {what}; POST /embeddings (modality image, one base64 data URI per "
+        "request): it answers the embedding, no class scores")
+
+
+def write_transformers_clip(model_name: str, folder: Path) -> str | None:
+    """A transformers CLIPModel with the open_clip config's shapes (random init, seed 0) and a CLIP tokenizer and
+    image processor to match, saved under `folder`; or why this model has none."""
+    if parse_model_name(model_name)[0] is not None:
+        return f"`{model_name}` is not an open_clip architecture config to rebuild in transformers"
+    open_clip.add_model_config(REPO_ROOT / "models")
+    config = open_clip.get_model_config(model_name)
+    if config is None:
+        return f"open_clip has no config named `{model_name}`"
+    vision, text = config["vision_cfg"], config["text_cfg"]
+    if (vision.get("timm_model_name") or not isinstance(vision.get("layers"), int) or text.get("hf_model_name")
+            or config.get("custom_text")):
+        return f"`{model_name}` is not a plain ViT + text transformer (timm, ResNet or Hugging Face tower)"
+    try:
+        from transformers import CLIPConfig, CLIPModel
+    except ImportError as exc:
+        return f"transformers is not importable here ({exc})"
+    activation = "quick_gelu" if config.get("quick_gelu") else "gelu"
+    embed_dim, vision_width, text_width = config["embed_dim"], vision["width"], text["width"]
+    clip_config = CLIPConfig(
+        projection_dim=embed_dim,
+        vision_config={"hidden_size": vision_width, "num_hidden_layers": vision["layers"],
+                       "num_attention_heads": vision_width // vision.get("head_width", 64),
+                       "intermediate_size": int(vision_width * vision.get("mlp_ratio", 4.0)),
+                       "image_size": vision["image_size"], "patch_size": vision["patch_size"],
+                       "hidden_act": activation, "projection_dim": embed_dim},
+        text_config={"hidden_size": text_width, "num_hidden_layers": text["layers"],
+                     "num_attention_heads": text["heads"],
+                     "intermediate_size": int(text_width * text.get("mlp_ratio", 4.0)),
+                     "vocab_size": text["vocab_size"], "max_position_embeddings": text["context_length"],
+                     "hidden_act": activation, "projection_dim": embed_dim,
+                     "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407})
+    torch.manual_seed(0)
+    CLIPModel(clip_config).eval().save_pretrained(folder)
+    # open_clip's BPE is OpenAI CLIP's: the same vocabulary and merges, under transformers' special-token names
+    tokenizer = SimpleTokenizer()
+    renamed = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    (folder / "vocab.json").write_text(json.dumps({renamed.get(token, token): i for token, i
+                                                   in tokenizer.encoder.items()}))
+    merges = sorted(tokenizer.bpe_ranks, key=tokenizer.bpe_ranks.get)
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": text["context_length"], "do_lower_case": True,
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>"}))
+    size = vision["image_size"]
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
+        "resample": 3, "do_center_crop": True, "crop_size": {"height": size, "width": size}, "do_rescale": True,
+        "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
+        "image_mean": list(config.get("mean", OPENAI_DATASET_MEAN)),
+        "image_std": list(config.get("std", OPENAI_DATASET_STD))}))
+    (folder / "processor_config.json").write_text(json.dumps({"processor_class": "CLIPProcessor"}))
+    return None
+
+
+def engine_label(readiness: dict) -> str:
+    engine = readiness["engine"]
+    return f"{engine.get('engine', '?')} {engine.get('precision', '?')}"
+
+
+def benchmark_compare(args: argparse.Namespace, payloads: list[bytes], work_dir: Path
+                      ) -> tuple[str, str, list[PeerRow], list[str]]:
+    """The raw torch rows, then every server one after another under the same client load; (model id, device,
+    rows, notes)."""
+    notes: list[str] = []
+    settings = Settings(model_name=args.model_name, pretrained=args.pretrained, precision=args.precision,
+                        device=args.device, engine="torch", data_dir=work_dir / "raw")
+    progress(f"raw torch {args.precision}: {args.model_name}, device {args.device}")
+    model_id, device, raw_rows = benchmark_raw(settings, payloads, args.batch_size)
+    raw_peak = peak_rss_mib(os.getpid())
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    rows = [PeerRow(row.path, f"torch {args.precision}", row.images_per_second, peak_rss_mib=raw_peak)
+            for row in raw_rows]
+    notes.append(f"raw rows: this process, `load_encoder` with MEDZERO_ENGINE=torch on {device}; peak RSS is its "
+                 "VmHWM after both raw runs (before any client ran)")
+
+    builders: list[Callable[[], tuple[Peer | None, str]]] = [
+        lambda engine=engine: (medzero_peer(args, engine, payloads, work_dir), "") for engine in args.engines]
+    builders += [lambda: (plain_peer(args, payloads), ""), lambda: infinity_peer(args, payloads, work_dir)]
+    for index, build in enumerate(builders):
+        peer, note = build()
+        if peer is None:
+            rows.append(PeerRow("infinity-emb", "–", note=f"skipped: {note}"))
+            continue
+        progress(f"{peer.name}: starting, then {args.clients} client(s) × {len(peer.items)} images")
+        try:
+            row, readiness = run_peer(peer, args.clients, work_dir / f"server-{index}.log")
+        except ServerFailed as exc:
+            rows.append(PeerRow(peer.name, "–", note=f"failed: {str(exc).strip().splitlines()[-1][:240]}"))
+            continue
+        row.name, row.engine = peer.name, engine_label(readiness) if readiness.get("engine") else peer.engine
+        if peer.name.startswith("medzero"):
+            engine = readiness.get("engine") or {}
+            notes.append(f"{row.name}: {engine.get('reason')}; engine set-up {engine.get('setup_seconds')} s, "
+                         f"server start-up {readiness.get('startup_seconds') or 0:.1f} s (its own clock)")
+            if readiness.get("model") != model_id:
+                notes.append(f"WARNING: {row.name} loaded `{readiness.get('model')}`, not `{model_id}`")
+        if note:
+            notes.append(note)
+        rows.append(row)
+    return model_id, device, rows, notes
+
+
+def medzero_reference(rows: list[PeerRow]) -> PeerRow | None:
+    """The medzero row the others are divided by: MEDZERO_ENGINE=torch, else auto, else the first that ran."""
+    measured = [row for row in rows if row.name.startswith("medzero") and row.images_per_second]
+    for wanted in ("medzero `torch`", "medzero `auto`"):
+        found = next((row for row in measured if row.name == wanted), None)
+        if found:
+            return found
+    return measured[0] if measured else None
+
+
+def format_compare_table(rows: list[PeerRow]) -> str:
+    raw = rows[0].images_per_second
+    reference = medzero_reference(rows)
+    reference_name = reference.name.removeprefix("medzero ") if reference else "none ran"
+    lines = [(f"| server | engine / precision | img/s | p50 ms | p95 ms | p99 ms | peak RSS MiB | start-up s "
+              f"| ÷ raw torch {rows[0].engine.split()[-1]} | ÷ medzero {reference_name} | non-200 |"),
+             "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for row in rows:
+        if row.images_per_second is None:
+            lines.append(f"| {row.name} | {row.engine} | {row.note} | | | | | | | | |")
+            continue
+        p50, p95, p99 = ((f"{np.percentile(row.latencies_ms, q):.1f}" for q in (50, 95, 99)) if row.latencies_ms
+                         else ("–", "–", "–"))
+        rss = f"{row.peak_rss_mib:,.0f}" if row.peak_rss_mib is not None else "–"
+        startup = f"{row.startup_seconds:.1f}" if row.startup_seconds is not None else "–"
+        to_medzero = f"{row.images_per_second / reference.images_per_second:.2f}" if reference else "–"
+        errors = (", ".join(f"{count}× {status}" for status, count in sorted(row.errors.items())) or "0"
+                  if row.latencies_ms else "–")
+        lines.append(f"| {row.name} | {row.engine} | {row.images_per_second:,.1f} | {p50} | {p95} | {p99} | {rss} "
+                     f"| {startup} | {row.images_per_second / raw:.2f} | {to_medzero} | {errors} |")
+    return "\n".join(lines)
+
+
+def main_compare(args: argparse.Namespace, payloads: list[bytes], source: str, load_average: float) -> int:
+    with tempfile.TemporaryDirectory(prefix="medzero-compare-") as work_dir:
+        model_id, device, rows, notes = benchmark_compare(args, payloads, Path(work_dir))
+    print(f"model `{model_id}` · precision {args.precision} · device {device}; {len(payloads)} {source}; "
+          f"{args.clients} concurrent single-image clients against every server, one server at a time; label set "
+          f"`{args.label_set}`; MEDZERO_MAX_BATCH_SIZE / infinity --batch-size {args.batch_size}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average "
+          f"{load_average:.1f} at start and {os.getloadavg()[0]:.1f} at the end; clients and servers share this "
+          "machine, loopback only; start-up: process start to its first 200 (/readyz, infinity /health); the "
+          "medzero runs share one engines/ graph cache (a later run reuses graphs an earlier one exported)")
+    print(cpu_flags())
+    print()
+    print(format_compare_table(rows))
+    print()
+    for note in notes:
+        print(f"- {note}")
+    return 0
+
+
 # -- report
 
 def format_table(rows: list[Row]) -> str:
     raw_encode, raw_end_to_end = rows[0].images_per_second, rows[1].images_per_second
-    lines = ["| path | clients | images | img/s | ÷ raw encode | ÷ raw end-to-end | p50 ms | p95 ms "
-             "| mean images per forward | non-200 |",
+    lines = [("| path | clients | images | img/s | ÷ raw encode | ÷ raw end-to-end | p50 ms | p95 ms "
+              "| mean images per forward | non-200 |"),
              "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for row in rows:
         p50, p95 = (f"{np.percentile(row.latencies_ms, q):.1f}" for q in (50, 95)) if row.latencies_ms else ("–", "–")
@@ -313,6 +628,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pretrained", help="pretrained tag or checkpoint path (MEDZERO_PRETRAINED)")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--engine", default="auto",
+                        help="MEDZERO_ENGINE of the plain run, for the raw path and the server alike (--compare "
+                             "takes --engines)")
     parser.add_argument("--images", type=int, default=256, help="images per run")
     parser.add_argument("--batch-size", type=int, default=32,
                         help="raw batch size, and the server's MEDZERO_MAX_BATCH_SIZE")
@@ -323,10 +641,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-dir", type=Path,
                         help=f"<dataset>/<class>/*.png images (default {DEFAULT_DATA_DIR} if present, "
                              "else synthesised images)")
+    compare = parser.add_argument_group("--compare", "medzero per engine against the plain peer and infinity-emb")
+    compare.add_argument("--compare", action="store_true",
+                         help="raw torch, medzero once per --engines, benchmarks/peers/plain_server.py and "
+                              "infinity-emb, one after another under the same --clients load; one table")
+    compare.add_argument("--engines", default="torch,onnxruntime,openvino,auto",
+                         help="comma-separated MEDZERO_ENGINE values, one medzero run each")
+    compare.add_argument("--clients", type=int, default=8, help="concurrent single-image clients per server")
+    compare.add_argument("--infinity-python", default=sys.executable,
+                         help="a Python where `import infinity_emb` works (e.g. a separate venv's bin/python)")
+    compare.add_argument("--infinity-model",
+                         help="what infinity serves (Hugging Face id or folder); default: a random-init "
+                              "transformers CLIPModel with --model-name's shapes")
     args = parser.parse_args(argv)
     args.concurrency = [int(n) for n in args.concurrency.split(",") if n.strip()]
     if args.images < 1 or args.batch_size < 1 or any(n < 1 for n in args.concurrency) or args.batch_clients < 1:
         parser.error("--images, --batch-size, --concurrency and --batch-clients must be positive")
+    args.engines = [engine.strip() for engine in args.engines.split(",") if engine.strip()]
+    if args.clients < 1 or not args.engines:
+        parser.error("--clients must be positive and --engines name at least one engine")
+    for engine in args.engines:
+        try:
+            Settings(engine=engine)
+        except ValueError:   # pydantic's ValidationError
+            parser.error(f"--engines: {engine!r} is not a MEDZERO_ENGINE value (auto, torch, torch:int8, "
+                         "onnxruntime, onnxruntime:int8, openvino, openvino:bf16)")
+    if len(set(args.engines)) != len(args.engines):
+        parser.error("--engines names an engine twice")
     return args
 
 
@@ -344,11 +685,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         payloads = synthesise_images(args.images)
         source = f"SYNTHESISED images (224×224 grey noise; no {DEFAULT_DATA_DIR} on this machine)"
+    if args.compare:
+        return main_compare(args, payloads, source, load_average)
 
-    settings = Settings(model_name=args.model_name, pretrained=args.pretrained, precision=args.precision,
-                        device=args.device)
-    progress(f"raw path: {args.model_name}, {args.precision}, device {args.device}")
-    model_id, device, rows = benchmark_raw(settings, payloads, args.batch_size)
+    with tempfile.TemporaryDirectory(prefix="medzero-bench-raw-") as raw_dir:   # its engines/ cache: not ./data
+        settings = Settings(model_name=args.model_name, pretrained=args.pretrained, precision=args.precision,
+                            device=args.device, engine=args.engine, data_dir=Path(raw_dir))
+        progress(f"raw path: {args.model_name}, {args.precision}, device {args.device}, engine {args.engine}")
+        model_id, device, rows = benchmark_raw(settings, payloads, args.batch_size)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()   # the raw encoder is gone; the server process loads its own copy
