@@ -19,7 +19,6 @@ the server log.
 """
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,15 @@ from accuracy import cpu_flags, model_parser  # benchmarks/accuracy.py, beside t
 from hypothesis import HealthCheck, Phase
 from hypothesis.errors import Unsatisfiable
 from schemathesis.errors import FailureGroup
-from throughput import free_port, server_env, stop_server, tail, wait_ready  # benchmarks/throughput.py
+from throughput import (  # benchmarks/throughput.py
+    error_log_lines,
+    free_port,
+    run_script,
+    server_env,
+    stop_server,
+    tail,
+    wait_ready,
+)
 from tqdm import tqdm
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -143,12 +150,6 @@ def run_server(args: argparse.Namespace, work_dir: Path) -> tuple[dict, list[Ope
         stop_server(server)
 
 
-def error_log_lines(log_path: Path) -> list[str]:
-    """The server's error records (unhandled exceptions, failed background tasks)."""
-    return [line for line in log_path.read_text(errors="replace").splitlines()
-            if '"level": "error"' in line or '"level": "critical"' in line]
-
-
 def format_table(results: list[OperationStats]) -> str:
     lines = ["| operation | sent | 2xx | 4xx | 5xx | other | check failures |", "|---|--:|--:|--:|--:|--:|--:|"]
     total = OperationStats("**total**")
@@ -197,8 +198,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     load_average = os.getloadavg()[0]
-    # SIGTERM unwinds like Ctrl-C, so the `finally` that stops the server always runs
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     with tempfile.TemporaryDirectory(prefix="medzero-fuzz-") as work_dir:
         progress(f"starting the server ({args.model_name}, auth on)")
         readiness, results, seconds, error_lines = run_server(args, Path(work_dir))
@@ -245,8 +244,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:   # the server was stopped on the way out
-        progress("interrupted")
-        sys.exit(130)
+    run_script(main, progress)

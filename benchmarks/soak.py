@@ -44,8 +44,10 @@ from accuracy import cpu_flags, model_parser  # benchmarks/accuracy.py, beside t
 from throughput import (  # benchmarks/throughput.py
     DEFAULT_DATA_DIR,
     REQUEST_TIMEOUT_SECONDS,
+    error_log_lines,
     free_port,
     load_images,
+    run_script,
     server_env,
     stop_server,
     synthesise_images,
@@ -274,12 +276,6 @@ def create_admin_key(env: dict[str, str], data_dir: Path) -> str:
     return made.stdout.strip().splitlines()[-1]
 
 
-def error_log_lines(log_path: Path) -> list[str]:
-    """The server's error records (JSON log lines at level error: unhandled exceptions, failed tasks)."""
-    return [line for line in log_path.read_text(errors="replace").splitlines()
-            if '"level": "error"' in line or '"level": "critical"' in line]
-
-
 # -- the run
 
 async def soak(args: argparse.Namespace, base_url: str, server: subprocess.Popen, token: str, payloads: Payloads,
@@ -483,8 +479,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     load_average = os.getloadavg()[0]   # other work on the machine skews every latency below
-    # SIGTERM unwinds like Ctrl-C, so the `finally` that stops the server always runs
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     payloads = load_payloads(args)
     with tempfile.TemporaryDirectory(prefix="medzero-soak-") as work_dir:
         progress(f"starting the server ({args.model_name}, auth on)")
@@ -543,8 +537,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:   # the server was stopped on the way out
-        progress("interrupted")
-        sys.exit(130)
+    run_script(main, progress)

@@ -41,7 +41,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 import numpy as np
@@ -617,6 +617,23 @@ def format_stage_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def error_log_lines(log_path: Path) -> list[str]:
+    """A server's error records (JSON log lines at level error: unhandled exceptions, failed tasks)."""
+    return [line for line in log_path.read_text(errors="replace").splitlines()
+            if '"level": "error"' in line or '"level": "critical"' in line]
+
+
+def run_script(main: Callable[[], int], progress: Callable[[str], None]) -> NoReturn:
+    """A benchmark's entry point: SIGTERM unwinds like Ctrl-C, so the `finally` that stops its server always runs;
+    Ctrl-C exits 130 (the server was stopped on the way out)."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        progress("interrupted")
+        sys.exit(130)
+
+
 def progress(message: str) -> None:
     print(f"[throughput] {message}", file=sys.stderr, flush=True)
 
@@ -674,8 +691,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     load_average = os.getloadavg()[0]   # other work on the machine skews every number below
-    # SIGTERM unwinds like Ctrl-C, so the `finally` that stops the server always runs
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     data_dir = args.data_dir or (DEFAULT_DATA_DIR if DEFAULT_DATA_DIR.is_dir() else None)
     if data_dir is not None:
@@ -717,8 +732,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:   # the server was stopped on the way out
-        progress("interrupted")
-        sys.exit(130)
+    run_script(main, progress)
