@@ -9,10 +9,14 @@
 # carry their own CUDA libraries (nvidia-* packages), so the base stays python:3.11-slim: the host needs the NVIDIA
 # driver and the container toolkit, not a CUDA image. An index holds only some torch releases (cu121: up to 2.5,
 # cu124: 2.4 to 2.6, ...); pip takes the newest one there within the bounds below.
-# FAISS stays faiss-cpu in every build: the knowledge index is one IndexFlatIP over description embeddings
-# (thousands of rows, a millisecond a search), app/knowledge/index.py removes rows with remove_ids and searches one
-# class's rows through IDSelectorRange, which GPU indexes do not offer, and faiss-gpu-cu12 installs the same `faiss`
-# module as the faiss-cpu that pyproject.toml requires, so the two would overwrite each other.
+# FAISS: faiss-cpu in the CPU build. A CUDA build swaps it for faiss-gpu-cu12, pyproject.toml's gpu extra: the two
+# install the same `faiss` module and with both installed `import faiss` fails, so the builder uninstalls both and
+# reinstalls the GPU wheel alone. The CPU IndexFlatIP stays the description index that is saved and searched by
+# default; MEDZERO_INDEX_DEVICE=auto searches per-class copies of it on the GPU when the encoder runs there and a
+# trial search at start-up agrees with the CPU (app/knowledge/index.py weighs the two), MEDZERO_INDEX_DEVICE=cpu never.
+# The PyPI wheel holds kernels for compute capability 7.0-8.9 (Volta to Ada) only, so on Hopper that trial search
+# should fail and the index stay on the CPU; and it adds CUDA 12 runtime and cuBLAS wheels (about 1 GB) where
+# torch's COMPUTE did not bring them already.
 #
 # Without --demo the server loads MEDZERO_MODEL_NAME (BiomedCLIP by default) and refuses to start when those
 # weights are neither on disk nor downloadable. Real weights, three ways:
@@ -48,6 +52,13 @@ COPY pyproject.toml README.md ./
 RUN pip install --index-url "https://download.pytorch.org/whl/${COMPUTE}" \
         "torch>=2.3,<=2.14.1" "torchvision>=0.18,<=0.29.1" \
     && pip install --extra-index-url "https://download.pytorch.org/whl/${COMPUTE}" .
+# CUDA builds: faiss-gpu-cu12 (with its CUDA wheels) in place of faiss-cpu, as pyproject.toml's gpu extra describes;
+# the bound repeats that extra's.
+RUN if [ "$COMPUTE" != "cpu" ]; then \
+        pip install "faiss-gpu-cu12>=1.8,<2" \
+        && pip uninstall -y faiss-cpu faiss-gpu-cu12 \
+        && pip install --no-deps "faiss-gpu-cu12>=1.8,<2"; \
+    fi
 
 # The editable install records /opt/medzero/app in the venv; the runtime stage puts the same tree at the same path.
 COPY app/ app/

@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import metrics
 from app.api.deps import ACCESS_ERRORS, ClassifyDep
-from app.api.limits import DrainUnreadBody, RateLimiter, RequestTimeLimit
+from app.api.limits import DrainUnreadBody, RateLimiter, RequestTimeLimit, content_length, no_receive
 from app.api.routes import (
     adapters,
     calibration,
@@ -159,8 +159,8 @@ class BodySizeLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         limit = self.limit_for_path(scope["path"])
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        declared = content_length(scope)
+        if declared is not None and declared > limit:
             return await self._refuse(scope, send, limit)
         received, exceeded, started = 0, False, False
 
@@ -190,7 +190,7 @@ class BodySizeLimit:
                                   f"request body is larger than the {limit} bytes allowed here "
                                   "(MEDZERO_MAX_UPLOAD_BYTES / MEDZERO_MAX_BATCH_REQUEST_BYTES)",
                                   {"Connection": "close"})
-        await response(scope, _no_receive, send)
+        await response(scope, no_receive, send)
 
 
 class BatchBodyAdmission:
@@ -208,15 +208,11 @@ class BatchBodyAdmission:
             refused = Overloaded(f"{admission.max_batch_bodies} multi-image requests are being read already "
                                  f"(MEDZERO_MAX_CONCURRENT_BATCH_BODIES); retry shortly")
             response = medzero_error_response_for(scope, refused, {"Connection": "close"})
-            return await response(scope, _no_receive, send)
+            return await response(scope, no_receive, send)
         try:
             await self.app(scope, receive, send)
         finally:
             admission.leave_batch_body()
-
-
-async def _no_receive() -> Message:
-    return {"type": "http.disconnect"}
 
 
 class RequestMetrics:

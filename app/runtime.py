@@ -22,6 +22,7 @@ from app.encoders.batcher import Batcher
 from app.encoders.loader import Encoder, load_encoder
 from app.encoders.visual_prompts import vision_width
 from app.errors import MedzeroError, NotReady
+from app.knowledge.index import resolve_index_device
 from app.knowledge.knowledge_base import KnowledgeBase
 from app.methods.base import Method
 from app.methods.fewshot import FewShot, FewShotConfig
@@ -96,6 +97,7 @@ class Core:
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.startup_seconds: float | None = None      # start to ready: model, engine, label sets, index
+        self.max_batch_size: int | None = None         # images per forward, once the encoder's device is known
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.engine = create_db_engine(settings.resolved_database_url, busy_timeout_ms=settings.db_busy_timeout_ms)
@@ -243,7 +245,8 @@ class Runtime:
         started = time.perf_counter()
         try:
             encoder = await asyncio.to_thread(load_encoder, self.settings)
-            self._batcher = Batcher(encoder.encode_images, max_batch_size=self.settings.max_batch_size,
+            self.max_batch_size = self.settings.resolved_max_batch_size(encoder.device.type)
+            self._batcher = Batcher(encoder.encode_images, max_batch_size=self.max_batch_size,
                                     max_wait_seconds=self.settings.max_wait_ms / 1000,
                                     timeout_seconds=self.settings.encode_timeout_seconds)
             self._batcher.start()
@@ -280,15 +283,17 @@ class Runtime:
             return batcher.run_sync(encoder.encode_texts, texts)
 
         knowledge = KnowledgeBase(corpus_dir=settings.knowledge_base_dir, data_dir=settings.data_dir,
-                                  model_id=encoder.model_id, dim=encoder.embed_dim, encode_texts=encode_texts)
+                                  model_id=encoder.model_id, dim=encoder.embed_dim, encode_texts=encode_texts,
+                                  index_device=resolve_index_device(settings.index_device, encoder.device.type))
         label_sets = LabelSetService(self.repository, encode_texts=encode_texts, model_id=encoder.model_id,
                                      knowledge=knowledge, max_texts=settings.max_label_set_texts)
         label_sets.install_builtins()
         label_sets.prepare_all()
         if index != "skip":
             changed = knowledge.sync(label_sets.list(), progress=progress, rebuild=index == "rebuild")
-            log.info("description index: %d descriptions for %s (%s)", knowledge.manifest.get("count", 0),
-                     encoder.model_id, f"re-embedded {', '.join(changed)}" if changed else "loaded as saved")
+            log.info("description index: %d descriptions for %s, searched on %s (%s)",
+                     knowledge.manifest.get("count", 0), encoder.model_id, knowledge.index_device,
+                     f"re-embedded {', '.join(changed)}" if changed else "loaded as saved")
         kpl, meduna, hica = KPL(knowledge, kpl_config(settings)), MedUnA(), HiCA(encoder.model.visual)
         fewshot = FewShot(FewShotConfig(alpha=settings.fewshot_alpha, beta=settings.fewshot_beta), kpl=kpl,
                           kpl_state=lambda head: self.states.current(state_key(kpl, head), kpl.load_state))

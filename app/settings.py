@@ -14,6 +14,8 @@ BUNDLED_MODEL_DIR = Path(__file__).resolve().parent.parent / "models"
 BUNDLED_KNOWLEDGE_BASE_DIR = Path(__file__).resolve().parent.parent / "knowledge_base"
 DEMO_MODEL_NAME = "medzero-tiny"   # models/medzero-tiny.json: random init, offline, for --demo and tests
 DEFAULT_MODEL_NAME = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+CPU_MAX_BATCH_SIZE = 8     # MEDZERO_MAX_BATCH_SIZE's default by device (benchmarks/README.md has the measurements)
+CUDA_MAX_BATCH_SIZE = 64
 
 
 def ae_title(title: str) -> str:
@@ -66,12 +68,17 @@ class Settings(BaseSettings):
     max_in_flight_images: int = Field(  # permits: images admitted at once (decoding, queued or encoding); else 503
         512, ge=1, validation_alias=AliasChoices("MEDZERO_MAX_IN_FLIGHT_IMAGES", "MEDZERO_MAX_QUEUE_IMAGES"))
     max_concurrent_batch_bodies: int = Field(4, ge=1)      # /classify/batch and pool uploads held in memory at once
-    max_batch_size: int = Field(32, ge=1)                  # images per encoder forward
+    # images per encoder forward; default per device: on CPU img/s is flat from batch 2-8 up and a forward of 32
+    # only makes the first image wait longer (benchmarks/engines.py --batches); a GPU needs big batches to fill it
+    max_batch_size: int | None = Field(None, ge=1)
     max_wait_ms: float = Field(5.0, ge=0)                  # longest wait for announced images still decoding
     encode_timeout_seconds: float = Field(60.0, gt=0)      # longest wait for one image's forward; then 503
 
     # knowledge base and KPL
     knowledge_base_dir: Path = BUNDLED_KNOWLEDGE_BASE_DIR   # corpus files, one per label set
+    # where a class's description search runs. auto: cuda when the encoder runs on CUDA and faiss can search on
+    # the GPU (the gpu extra), else cpu; cuda without that stops start-up (app/knowledge/index.py weighs the two)
+    index_device: Literal["auto", "cpu", "cuda"] = "auto"
     kpl_balancing: Literal["reference", "sinkhorn"] = "reference"   # see ../shared/notes/kpl.md
     kpl_top_k_descriptions: int = Field(8, ge=1)
     kpl_tau_text: float = Field(0.01, gt=0)
@@ -187,6 +194,9 @@ class Settings(BaseSettings):
     @property
     def resolved_adapters_dir(self) -> Path:
         return self.adapters_dir or self.data_dir / "adapters"
+
+    def resolved_max_batch_size(self, device_type: str) -> int:
+        return self.max_batch_size or (CUDA_MAX_BATCH_SIZE if device_type == "cuda" else CPU_MAX_BATCH_SIZE)
 
     @property
     def resolved_rate_limit_burst(self) -> int:

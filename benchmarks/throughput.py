@@ -29,6 +29,7 @@ import gc
 import itertools
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -62,7 +63,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "datasets"
 RAW_MIN_SECONDS = 1.0          # raw passes repeat for at least this long and this many times
 RAW_MIN_PASSES = 3
-READY_TIMEOUT_SECONDS = 180.0
+READY_TIMEOUT_SECONDS = 600.0   # ViT-B-16 on 2 CPU threads: an engine probe that exports and compiles takes minutes
 REQUEST_TIMEOUT_SECONDS = 120.0
 WARM_UP_REQUESTS = 8
 BATCH_SIZE_METRIC = "medzero_encoder_batch_size"
@@ -273,6 +274,10 @@ def measure_http(base_url: str, requests: list[list[bytes]], route: str, label_s
 
 
 def benchmark_http(args: argparse.Namespace, payloads: list[bytes], work_dir: Path) -> tuple[dict, list[Row]]:
+    shared_index, index_seconds = build_shared_index(args, work_dir)
+    shutil.copytree(shared_index, work_dir / "data" / "kb")
+    progress("description index for the server: " + (f"`medzero kb build` {index_seconds:.1f} s" if index_seconds
+                                                      else f"from --index-cache {args.index_cache}"))
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     log_path = work_dir / "server.log"
@@ -321,6 +326,7 @@ class PeerRow:
     images_per_second: float | None = None                    # None: skipped or failed (`note` says why)
     latencies_ms: list[float] = field(default_factory=list)   # per request, client-side
     peak_rss_mib: float | None = None                         # VmHWM of the server process
+    ready_rss_mib: float | None = None                        # its VmRSS when it first answered ready
     startup_seconds: float | None = None                      # process start to the first 200 of its ready route
     errors: Counter = field(default_factory=Counter)          # HTTP status -> count
     note: str = ""
@@ -339,13 +345,13 @@ class Peer:
     engine: str = ""                                          # when the ready route does not say
 
 
-def peak_rss_mib(pid: int) -> float | None:
-    """VmHWM (peak resident set) of a live process, from /proc (Linux only)."""
+def peak_rss_mib(pid: int, field_name: str = "VmHWM") -> float | None:
+    """VmHWM (peak resident set), or another /proc/<pid>/status size such as VmRSS, of a live process (Linux)."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return None
-    line = next((line for line in status.splitlines() if line.startswith("VmHWM:")), None)
+    line = next((line for line in status.splitlines() if line.startswith(f"{field_name}:")), None)
     return int(line.split()[1]) / 1024 if line else None
 
 
@@ -359,6 +365,7 @@ def run_peer(peer: Peer, clients: int, log_path: Path) -> tuple[PeerRow, dict]:
     try:
         readiness = wait_ready(base_url, server, log_path, peer.ready_route)
         startup_seconds = time.perf_counter() - started
+        ready_rss = peak_rss_mib(server.pid, "VmRSS")
         asyncio.run(run_clients(base_url, peer.items[:WARM_UP_REQUESTS], 1, peer.send))
         seconds, latencies_ms, errors = asyncio.run(run_clients(base_url, peer.items, clients, peer.send))
         peak = peak_rss_mib(server.pid)
@@ -366,14 +373,34 @@ def run_peer(peer: Peer, clients: int, log_path: Path) -> tuple[PeerRow, dict]:
             raise ServerFailed(f"server died during the benchmark:\n{tail(log_path)}")
     finally:
         stop_server(server)
-    return PeerRow(peer.name, "", len(peer.items) / seconds, latencies_ms, peak, startup_seconds, errors), readiness
+    return PeerRow(peer.name, "", len(peer.items) / seconds, latencies_ms, peak, ready_rss, startup_seconds,
+                   errors), readiness
 
 
-def medzero_peer(args: argparse.Namespace, engine: str, payloads: list[bytes], work_dir: Path) -> Peer:
-    """`python -m app serve` with MEDZERO_ENGINE=engine and a fresh data dir, whose engines/ folder is shared by
-    every medzero run of this comparison (graphs exported once; no run sees another's database or index)."""
+def build_shared_index(args: argparse.Namespace, work_dir: Path) -> tuple[Path, float | None]:
+    """`medzero kb build` (which builds from scratch) once into work_dir/seed, or into --index-cache unless a
+    run before built it there: every medzero run starts from a copy of this description index, so start-up
+    measures the engine and the server, not the index build (timed here, once). (the kb folder, seconds or None)."""
+    seed = args.index_cache or work_dir / "seed"
+    if args.index_cache and any((seed / "kb").glob("*/manifest.json")):
+        return seed / "kb", None
+    env = server_env(args, seed, free_port())
+    started = time.perf_counter()
+    build = subprocess.run([sys.executable, "-m", "app", "kb", "build", "--no-progress"], cwd=REPO_ROOT, env=env,
+                           check=False, capture_output=True, text=True)
+    if build.returncode != 0:
+        raise SystemExit(f"medzero kb build failed ({build.returncode}):\n{build.stderr[-3000:]}")
+    return seed / "kb", time.perf_counter() - started
+
+
+def medzero_peer(args: argparse.Namespace, engine: str, payloads: list[bytes], work_dir: Path,
+                 shared_index: Path) -> Peer:
+    """`python -m app serve` with MEDZERO_ENGINE=engine and a fresh data dir holding a copy of the shared
+    description index; its engines/ folder is shared by every medzero run of this comparison (graphs exported
+    once); no run sees another's database."""
     data_dir = work_dir / f"medzero-{engine.replace(':', '-')}" / "data"
     data_dir.mkdir(parents=True)
+    shutil.copytree(shared_index, data_dir / "kb")
     (work_dir / "engines").mkdir(exist_ok=True)
     (data_dir / "engines").symlink_to(work_dir / "engines", target_is_directory=True)
     port = free_port()
@@ -396,8 +423,11 @@ def plain_peer(args: argparse.Namespace, payloads: list[bytes]) -> Peer:
 def infinity_peer(args: argparse.Namespace, payloads: list[bytes], work_dir: Path) -> tuple[Peer | None, str]:
     """infinity-emb serving a transformers CLIPModel of the same shapes, or (None, why not)."""
     python = args.infinity_python
-    probe = subprocess.run([python, "-c", "import infinity_emb, aiohttp; print(infinity_emb.__version__)"],
-                           check=False, capture_output=True, text=True, timeout=120)
+    try:
+        probe = subprocess.run([python, "-c", "import infinity_emb, aiohttp; print(infinity_emb.__version__)"],
+                               check=False, capture_output=True, text=True, timeout=120)
+    except OSError as exc:
+        return None, f"{python} cannot run: {exc.strerror} (see --infinity-python)"
     if probe.returncode != 0:
         last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
         return None, f"`import infinity_emb, aiohttp` fails in {python}: {last} (see --infinity-python)"
@@ -508,8 +538,15 @@ def benchmark_compare(args: argparse.Namespace, payloads: list[bytes], work_dir:
     notes.append(f"raw rows: this process, `load_encoder` with MEDZERO_ENGINE=torch on {device}; peak RSS is its "
                  "VmHWM after both raw runs (before any client ran)")
 
+    progress("medzero kb build: the description index every medzero run starts from")
+    shared_index, index_seconds = build_shared_index(args, work_dir)
+    built = (f"`medzero kb build` once, {index_seconds:.1f} s (text tower, torch)" if index_seconds is not None
+             else f"built by an earlier run into --index-cache {args.index_cache}")
+    notes.append(f"description index: {built}, copied into each medzero run's data dir, so their start-up "
+                 "excludes it; a first start on an empty data dir adds its build")
     builders: list[Callable[[], tuple[Peer | None, str]]] = [
-        lambda engine=engine: (medzero_peer(args, engine, payloads, work_dir), "") for engine in args.engines]
+        lambda engine=engine: (medzero_peer(args, engine, payloads, work_dir, shared_index), "")
+        for engine in args.engines]
     builders += [lambda: (plain_peer(args, payloads), ""), lambda: infinity_peer(args, payloads, work_dir)]
     for index, build in enumerate(builders):
         peer, note = build()
@@ -549,13 +586,14 @@ def format_compare_table(rows: list[PeerRow]) -> str:
     raw = rows[0].images_per_second
     reference = medzero_reference(rows)
     reference_name = reference.name.removeprefix("medzero ") if reference else "none ran"
-    lines = [(f"| server | engine / precision | img/s | p50 ms | p95 ms | p99 ms | peak RSS MiB | start-up s "
+    lines = [(f"| server | engine / precision | img/s | p50 ms | p95 ms | p99 ms | RSS MiB ready / peak | start-up s "
               f"| ÷ raw torch {rows[0].engine.split()[-1]} | ÷ medzero {reference_name} | non-200 |"),
              "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for row in rows:
         if row.images_per_second is None:
             lines.append(f"| {row.name} | {row.engine} | {row.note} | | | | | | | | |")
             continue
+        ready = f"{row.ready_rss_mib:,.0f} / " if row.ready_rss_mib is not None else ""
         p50, p95, p99 = ((f"{np.percentile(row.latencies_ms, q):.1f}" for q in (50, 95, 99)) if row.latencies_ms
                          else ("–", "–", "–"))
         rss = f"{row.peak_rss_mib:,.0f}" if row.peak_rss_mib is not None else "–"
@@ -563,7 +601,7 @@ def format_compare_table(rows: list[PeerRow]) -> str:
         to_medzero = f"{row.images_per_second / reference.images_per_second:.2f}" if reference else "–"
         errors = (", ".join(f"{count}× {status}" for status, count in sorted(row.errors.items())) or "0"
                   if row.latencies_ms else "–")
-        lines.append(f"| {row.name} | {row.engine} | {row.images_per_second:,.1f} | {p50} | {p95} | {p99} | {rss} "
+        lines.append(f"| {row.name} | {row.engine} | {row.images_per_second:,.1f} | {p50} | {p95} | {p99} | {ready}{rss} "
                      f"| {startup} | {row.images_per_second / raw:.2f} | {to_medzero} | {errors} |")
     return "\n".join(lines)
 
@@ -658,6 +696,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-dir", type=Path,
                         help=f"<dataset>/<class>/*.png images (default {DEFAULT_DATA_DIR} if present, "
                              "else synthesised images)")
+    parser.add_argument("--index-cache", type=Path,
+                        help="a folder keeping the built description index between runs, one per model and corpus "
+                             "(ViT-B-16's takes minutes on a CPU); default: built afresh in a temporary folder")
     compare = parser.add_argument_group("--compare", "medzero per engine against the plain peer and infinity-emb")
     compare.add_argument("--compare", action="store_true",
                          help="raw torch, medzero once per --engines, benchmarks/peers/plain_server.py and "

@@ -119,14 +119,14 @@ class RequestTimeLimit:
                 error = RequestTimeout(f"the request body did not arrive within {limit:g} s "
                                        "(MEDZERO_REQUEST_TIMEOUT_SECONDS)")
             response = self.respond(scope, error)
-            await response(scope, _no_receive, send)
+            await response(scope, no_receive, send)
 
 
-async def _no_receive() -> Message:
+async def no_receive() -> Message:
     return {"type": "http.disconnect"}
 
 
-def _content_length(scope: Scope) -> int | None:
+def content_length(scope: Scope) -> int | None:
     for name, value in scope.get("headers", ()):
         if name == b"content-length":
             try:
@@ -146,7 +146,7 @@ class DrainUnreadBody:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = _content_length(scope)
+        declared = content_length(scope)
         # only a body of declared, bounded length is drained: a chunked one could go on for ever, and a declared
         # giant is not worth reading; those get their answer at once, as before
         finished = declared is None or declared > self.max_bytes

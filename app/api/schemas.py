@@ -244,7 +244,8 @@ class Readiness(BaseModel):
     transductive_methods: list[str] | None = Field(None, description="Methods /classify/batch can run "
                                                                      "transductively.")
     engine: dict | None = Field(None, description="The image tower's engine: engine, precision, why it runs "
-                                                  "(MEDZERO_ENGINE), start-up seconds, and the probe's results.")
+                                                  "(MEDZERO_ENGINE), images per forward (MEDZERO_MAX_BATCH_SIZE), start-up seconds, and the "
+                                                  "probe's results.")
     startup_seconds: float | None = Field(None, description="Seconds from start to ready.")
     detail: str | None = None
 

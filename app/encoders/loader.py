@@ -4,6 +4,8 @@ Model ids stay open_clip strings: a built-in or models/*.json name (+ `pretraine
 `hf-hub:org/repo`, or `local-dir:/path`. Every way loading can fail ends in one ModelLoadError that names the
 setting to change.
 """
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import logging
@@ -178,6 +180,18 @@ def hub_session(offline: bool, cache_dir: Path | None) -> Iterator[None]:
         constants.HF_HUB_OFFLINE, constants.HF_HUB_CACHE = previous
 
 
+def release_freed_memory() -> None:
+    """Hand the heap glibc kept after loading, exporting and compiling back to the OS (hundreds of MiB for a
+    ViT-B-16 ONNX export): the resident size a container's memory limit sees. A no-op without glibc."""
+    libc_name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(libc_name) if libc_name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:
+        pass
+
+
 def load_encoder(settings: Settings) -> Encoder:
     """Build the configured open_clip model on the configured device and precision, and warm it up."""
     open_clip.add_model_config(settings.model_config_dir)
@@ -210,9 +224,10 @@ def load_encoder(settings: Settings) -> Encoder:
     pixel_shape = tuple(encoder.preprocess(Image.new("RGB", (256, 256))).unsqueeze(0).shape)
     encoder.image_engine = select_engine(settings.engine, model.visual, model_id=encoder.model_id,
                                          pixel_shape=pixel_shape, cache_root=settings.data_dir / "engines",
-                                         threads=torch.get_num_threads(), batch=min(settings.max_batch_size, 8),
+                                         threads=torch.get_num_threads(), batch=min(settings.resolved_max_batch_size(device.type), 8),
                                          device=device, precision=settings.precision)
     encoder.warm_up()                                  # once more, through the engine requests will use
+    release_freed_memory()
     log.info("loaded %s on %s (%s) in %.1f s; image engine %s: %s", encoder.model_id, device, settings.precision,
              time.perf_counter() - started, encoder.image_engine.choice.spec, encoder.image_engine.reason)
     return encoder

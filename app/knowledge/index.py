@@ -13,17 +13,32 @@ restricted to it is a flat search with an `IDSelectorRange`, which FAISS scans a
 cost does not grow with the index. Replacing a group removes its block (later rows shift down) and
 appends the new rows at the end; the range tables shift in step. Vectors handed out (a search's evidence,
 a class's descriptions) are copies of the rows asked for.
+
+Device (MEDZERO_INDEX_DEVICE, `resolve_index_device`): the CPU flat index is always the one source of truth (saved,
+loaded, reconstructed). With `device="cuda"` and a faiss that can search on a GPU (the `gpu` extra), `search_class`
+instead searches a `GpuIndexFlatIP` copy of that one class, made from its rows on the class's first search and
+kept until its label set is replaced or removed (the copy holds vectors, not row numbers, so other groups' rows
+shifting leaves it valid; the class's current start is added to its answers). The trade-off, unmeasured here: each
+call still copies the queries to the device and the answers back and synchronises, tens of microseconds that a CPU
+scan of a class of tens to hundreds of rows (benchmarks/kpl.py) does not cost; the device pays off only when the
+scan itself is large -- classes of thousands of descriptions, or hundreds of queries a call (a KPL fit over a whole
+pool) -- and it holds every searched class on the device a second time. So `auto` picks the GPU only where the
+encoder already runs on one, and `cpu` keeps today's path exactly.
 """
 import hashlib
 import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import cache
 from pathlib import Path
+from typing import Literal
 
 import faiss
 import numpy as np
@@ -31,6 +46,7 @@ import torch
 from tqdm import tqdm
 
 from app.domain import modality_noun
+from app.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +57,22 @@ EMBED_BATCH_SIZE = 256
 INDEX_LAYOUT = "flat-ip/rows-by-class/1"
 
 RowRange = tuple[int, int]          # [start, end) rows of the flat index
+IndexDevice = Literal["cpu", "cuda"]   # where search_class runs
+GPU_TEMP_MEMORY_BYTES = 64 * 2**20     # faiss's scratch pool on the GPU (its default takes up to 1.5 GiB beside torch)
+GPU_MAX_K = 2048                       # the most results a faiss GPU search selects; larger k searches on the CPU
+# Run in a child process: a faiss GPU build without kernels for this GPU aborts the process on its first search
+# (a CUDA error is an assertion in faiss, not an exception), which must not take the server with it.
+GPU_PROBE = """
+import faiss, numpy as np
+vectors = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
+config = faiss.GpuIndexFlatConfig()
+config.device = 0
+gpu = faiss.GpuIndexFlatIP(faiss.StandardGpuResources(), 32, config)
+gpu.add(vectors)
+cpu = faiss.IndexFlatIP(32)
+cpu.add(vectors)
+assert (gpu.search(vectors[:4], 3)[1] == cpu.search(vectors[:4], 3)[1]).all(), "GPU and CPU disagree"
+"""
 
 
 @dataclass(frozen=True)
@@ -77,9 +109,12 @@ class DescriptionIndex:
     """The flat index, the entries in row order, and the row range of each label set and of each class.
     Not thread-safe on its own: KnowledgeBase holds one lock around every call."""
 
-    def __init__(self, model_id: str, dim: int) -> None:
+    def __init__(self, model_id: str, dim: int, device: IndexDevice = "cpu") -> None:
         self.model_id = model_id
         self.dim = dim
+        # where search_class runs: cuda only when asked for and faiss can search on a GPU, so a CPU-only faiss
+        # always gets the CPU path (resolve_index_device turns a cuda that cannot be into a start-up error)
+        self.device: IndexDevice = "cuda" if device == "cuda" and faiss_gpu_count() > 0 else "cpu"
         self.index = faiss.IndexFlatIP(dim)
         self.items: list[DescriptionItem] = []                       # row i's entry
         self.group_hashes: dict[str, str] = {}
@@ -90,6 +125,9 @@ class DescriptionIndex:
         # (label set, class) -> its range selector and search parameters, made on the class's first search (building
         # SearchParameters costs about what the search does) and dropped when a removal moves rows; appends move none
         self._class_search: dict[tuple[str, str], tuple[faiss.IDSelectorRange, faiss.SearchParameters]] = {}
+        # (label set, class) -> a GpuIndexFlatIP of its vectors (device cuda), made on its first search; dropped
+        # when its group is replaced or removed. Positions are not in it, so shifts elsewhere leave it valid
+        self._gpu_classes: dict[tuple[str, str], faiss.Index] = {}
 
     @property
     def count(self) -> int:
@@ -125,6 +163,7 @@ class DescriptionIndex:
         if rows is None:
             return
         self._class_search.clear()
+        self._gpu_classes = {key: copy for key, copy in self._gpu_classes.items() if key[0] != name}
         start, end = rows
         removed = self.index.remove_ids(faiss.IDSelectorRange(start, end))   # later rows move down, in order
         if removed != end - start:
@@ -156,16 +195,21 @@ class DescriptionIndex:
                      k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k descriptions of one class for each query: (similarities (n, k'), rows (n, k')), k' <= k.
 
-        Always on CPU, also when faiss-gpu is installed: a class holds tens to hundreds of rows, which the CPU scans
-        in microseconds (benchmarks/kpl.py). On a GPU each call would add a host-to-device copy, a kernel launch and
-        a synchronisation, more than the whole scan, or else need a second copy of every vector resident on the
-        device: the copy this layout exists to avoid."""
+        On the CPU by default: the flat index scans the class's row range alone, which for tens to hundreds of
+        rows takes microseconds (benchmarks/kpl.py). With device cuda, on the class's GPU copy (the module's
+        docstring weighs the two); the answers are the same rows and, to float rounding, the same similarities."""
         key = (label_set, class_name)
         start, end = self._class_rows.get(key, (0, 0))
         k = min(k, end - start)
         if k <= 0:
             return np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if self.device == "cuda" and k <= GPU_MAX_K:
+            copy = self._gpu_classes.get(key)
+            if copy is None:
+                copy = self._gpu_classes[key] = _gpu_flat_index(self.index.reconstruct_n(start, end - start))
+            similarities, rows = copy.search(queries, k)             # rows of the copy: 0 .. end - start
+            return similarities, np.where(rows >= 0, rows + start, rows)
         if key not in self._class_search:
             selector = faiss.IDSelectorRange(start, end)    # FAISS scans [start, end) only
             self._class_search[key] = selector, faiss.SearchParameters(sel=selector)
@@ -206,12 +250,12 @@ class DescriptionIndex:
             shutil.rmtree(staging, ignore_errors=True)
 
     @classmethod
-    def load(cls, directory: Path) -> "DescriptionIndex":
+    def load(cls, directory: Path, device: IndexDevice = "cpu") -> "DescriptionIndex":
         """Raises ValueError for a folder this code did not write (another layout) or whose parts disagree."""
         manifest = json.loads((directory / "manifest.json").read_text())
         if manifest.get("layout") != INDEX_LAYOUT:
             raise ValueError(f"{directory}: saved with layout {manifest.get('layout')!r}, not {INDEX_LAYOUT!r}")
-        loaded = cls(manifest["model_id"], manifest["dim"])
+        loaded = cls(manifest["model_id"], manifest["dim"], device)
         index = faiss.read_index(str(directory / "descriptions.faiss"))
         if not isinstance(index, faiss.IndexFlatIP) or index.d != loaded.dim:
             raise ValueError(f"{directory}: descriptions.faiss is a {type(index).__name__} of dimension {index.d}, "
@@ -248,6 +292,65 @@ def _row_ranges(items: Sequence[DescriptionItem],
     return groups, classes
 
 
+def faiss_gpu_count() -> int:
+    """GPUs this faiss can search on: 0 with faiss-cpu (whose builds may lack the GPU symbols altogether)."""
+    if not hasattr(faiss, "GpuIndexFlatIP") or not hasattr(faiss, "get_num_gpus"):
+        return 0
+    return faiss.get_num_gpus()
+
+
+def faiss_gpu_problem() -> str | None:
+    """Why faiss cannot search on a GPU here, or None when a trial search in a child process agrees with the CPU.
+    A GPU build can see a GPU it has no kernels for: faiss-gpu-cu12 1.14.1.post1 carries sm_70 and sm_80 code and
+    no PTX, so on a Hopper GPU (sm_90) its first search fails."""
+    if faiss_gpu_count() == 0:
+        if not hasattr(faiss, "GpuIndexFlatIP"):
+            return f"faiss {faiss.__version__} has no GPU support (faiss-cpu is installed)"
+        return "faiss sees no GPU"
+    try:
+        probe = subprocess.run([sys.executable, "-c", GPU_PROBE], capture_output=True, text=True, timeout=120,
+                               check=False)
+    except subprocess.TimeoutExpired:
+        return "a trial search on GPU 0 did not finish within 120 s"
+    if probe.returncode != 0:
+        last = (probe.stderr.strip().splitlines() or [f"exit status {probe.returncode}"])[-1]
+        return f"a trial search on GPU 0 failed ({last[:300]})"
+    return None
+
+
+def resolve_index_device(requested: str, encoder_device: str) -> IndexDevice:
+    """MEDZERO_INDEX_DEVICE -> where search_class runs. auto: cuda when the encoder runs on CUDA and faiss can search
+    on a GPU, else cpu; cuda: ModelLoadError when faiss cannot (a start-up error, as MEDZERO_DEVICE=cuda is)."""
+    if requested == "cpu" or (requested == "auto" and encoder_device != "cuda"):
+        return "cpu"
+    problem = faiss_gpu_problem()
+    if problem is None:
+        return "cuda"
+    if requested == "cuda":
+        raise ModelLoadError(f"MEDZERO_INDEX_DEVICE=cuda but {problem}: install the gpu extra (pip install "
+                             "medzero[gpu], then swap faiss-cpu for faiss-gpu-cu12 as pyproject.toml says) on a "
+                             "machine with a GPU it supports, or set MEDZERO_INDEX_DEVICE=auto or cpu")
+    log.info("description index searches on the CPU: %s", problem)
+    return "cpu"
+
+
+@cache
+def _gpu_resources() -> "faiss.StandardGpuResources":
+    """One set of faiss GPU resources (streams, cuBLAS handle, scratch) for every class copy of the process."""
+    resources = faiss.StandardGpuResources()
+    resources.setTempMemory(GPU_TEMP_MEMORY_BYTES)     # larger scratch needs are allocated per call
+    return resources
+
+
+def _gpu_flat_index(vectors: np.ndarray) -> faiss.Index:
+    """A GpuIndexFlatIP on GPU 0 holding (m, dim) `vectors` as rows 0 .. m - 1."""
+    config = faiss.GpuIndexFlatConfig()
+    config.device = 0
+    index = faiss.GpuIndexFlatIP(_gpu_resources(), vectors.shape[1], config)
+    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    return index
+
+
 def index_dir(data_dir: Path, model_id: str) -> Path:
     readable = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_id)[:80]
     return data_dir / "kb" / f"{readable}-{hashlib.sha256(model_id.encode()).hexdigest()[:10]}"
@@ -265,11 +368,12 @@ def embed_items(encode_texts: Callable[[Sequence[str]], torch.Tensor], items: Se
 
 def sync_index(index: DescriptionIndex | None, *, model_id: str, dim: int, groups: dict[str, list[DescriptionItem]],
                corpus_hash: str, encode_texts: Callable[[Sequence[str]], torch.Tensor],
-               progress: bool = False) -> tuple[DescriptionIndex, list[str]]:
+               progress: bool = False, device: IndexDevice = "cpu") -> tuple[DescriptionIndex, list[str]]:
     """Bring `index` in line with `groups` for this model: re-embed changed groups, drop vanished ones.
-    Returns the index and the names of the groups it (re)embedded; none when everything was current."""
+    Returns the index and the names of the groups it (re)embedded; none when everything was current. `device`
+    is a new index's (one kept keeps its own)."""
     if index is None or index.model_id != model_id or index.dim != dim:
-        index = DescriptionIndex(model_id, dim)
+        index = DescriptionIndex(model_id, dim, device)
     hashes = {name: group_hash(items) for name, items in groups.items()}
     changed = [name for name in groups if index.group_hashes.get(name) != hashes[name]]
     for name in [name for name in index.group_hashes if name not in groups]:

@@ -16,18 +16,19 @@ import torch
 
 from app.domain import LabelSetSpec
 from app.knowledge.corpus import CorpusFile, corpus_hash, load_corpus
-from app.knowledge.index import DescriptionIndex, DescriptionItem, Retrieved, index_dir, sync_index
+from app.knowledge.index import DescriptionIndex, DescriptionItem, IndexDevice, Retrieved, index_dir, sync_index
 
 log = logging.getLogger(__name__)
 
 
 class KnowledgeBase:
     def __init__(self, *, corpus_dir: Path, data_dir: Path, model_id: str, dim: int,
-                 encode_texts: Callable[[Sequence[str]], torch.Tensor]) -> None:
+                 encode_texts: Callable[[Sequence[str]], torch.Tensor], index_device: IndexDevice = "cpu") -> None:
         self.corpus_dir = corpus_dir
         self.directory = index_dir(data_dir, model_id)
         self.model_id = model_id
         self.dim = dim
+        self.index_device = index_device             # resolve_index_device's answer; the index's own may be cpu
         self._encode_texts = encode_texts
         self._lock = threading.RLock()
         self._corpora: dict[str, CorpusFile] = {}
@@ -50,7 +51,8 @@ class KnowledgeBase:
                 self._index = None
             self._index, changed = sync_index(
                 self._index, model_id=self.model_id, dim=self.dim, groups=self._groups(),
-                corpus_hash=corpus_hash(self._corpora), encode_texts=self._encode_texts, progress=progress)
+                corpus_hash=corpus_hash(self._corpora), encode_texts=self._encode_texts, progress=progress,
+                device=self.index_device)
             if changed or not self.directory.exists():
                 self._index.save(self.directory)
             self._synced = True
@@ -95,7 +97,7 @@ class KnowledgeBase:
         try:
             self._index, changed = sync_index(
                 self._index, model_id=self.model_id, dim=self.dim, groups=self._groups(),
-                corpus_hash=corpus_hash(self._corpora), encode_texts=self._encode_texts)
+                corpus_hash=corpus_hash(self._corpora), encode_texts=self._encode_texts, device=self.index_device)
             if changed:
                 self._index.save(self.directory)
         except (OSError, RuntimeError) as exc:   # disk full, a faiss error: the store already holds the write
@@ -107,7 +109,7 @@ class KnowledgeBase:
         if not (self.directory / "manifest.json").is_file():
             return None
         try:
-            return DescriptionIndex.load(self.directory)
+            return DescriptionIndex.load(self.directory, self.index_device)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:   # unreadable: rebuild rather than refuse
             log.warning("description index at %s is unusable (%s); rebuilding", self.directory, exc)
             return None

@@ -29,14 +29,15 @@ async def readyz(runtime: RuntimeDep) -> JSONResponse:
                                   pretrained_weights=encoder.has_pretrained_weights,
                                   methods=classifier.method_names,
                                   transductive_methods=classifier.transductive_method_names,
-                                  engine=engine_public(encoder.image_engine),
+                                  engine=engine_public(encoder.image_engine, runtime.max_batch_size),
                                   startup_seconds=runtime.startup_seconds).model_dump())
 
 
-def engine_public(engine: ImageEngine | None) -> dict | None:
+def engine_public(engine: ImageEngine | None, max_batch_size: int | None) -> dict | None:
     if engine is None:
         return None
     return {"engine": engine.choice.engine, "precision": engine.choice.precision, "reason": engine.reason,
+            "max_batch_size": max_batch_size,
             "setup_seconds": round(engine.seconds, 2), "probe": [asdict(result) for result in engine.probe]}
 
 
