@@ -9,6 +9,8 @@
     medzero train meduna --label-set NAME --images DIR --out DIR   MedUnA adapter + prompt tokens, offline
     medzero train hica --label-set NAME --shots DIR --out DIR      HiCA few-shot adaptation, offline
     medzero keys create --name NAME --scope classify|admin | list | revoke ID     API keys (hashed in the database)
+    medzero bundle export --out FILE [--label-sets a,b] [--with-index]   the model (+ corpus, index, label sets)
+    medzero bundle verify FILE | import FILE [--force]        check offline / unpack it for an air-gapped site
 """
 import argparse
 import json
@@ -34,7 +36,8 @@ COMMAND_ARGUMENTS = {"command", "kb_command", "kpl_command", "label_set", "n_per
                      "shots", "shots_per_class", "tuning", "tuned_blocks", "lora_rank", "lora_alpha", "text_lr",
                      "clusters_per_class", "clusters", "pre_epochs", "cluster_temperature", "text_temperature",
                      "global_weight", "local_weight", "cross_weight", "global_temperature", "local_temperature",
-                     "margin", "grid", "keys_command", "name", "scope", "key_id"}
+                     "margin", "grid", "keys_command", "name", "scope", "key_id", "bundle_command", "bundle",
+                     "label_sets", "with_index", "no_knowledge_base"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,7 +175,34 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("key_id", metavar="ID")
     for sub in (create, list_keys, revoke):
         sub.add_argument("--data-dir", help="where the database lives (MEDZERO_DATA_DIR)")
+    add_bundle_parser(commands)
     return parser
+
+
+def add_bundle_parser(commands) -> None:
+    bundle = commands.add_parser("bundle", help="air-gapped model bundles: export, verify, import")
+    bundle_commands = bundle.add_subparsers(dest="bundle_command", required=True)
+    export = bundle_commands.add_parser(
+        "export", help="write the model this machine serves (weights, tokenizer, text-tower config), the "
+                       "description corpus and optionally its index and label sets into one .tar or .tar.zst")
+    export.add_argument("--out", type=Path, required=True, help="the bundle file (.tar, or .tar.zst: zstd)")
+    export.add_argument("--label-sets", type=lambda text: [n.strip() for n in text.split(",") if n.strip()],
+                        help="comma-separated label sets to include (default: every one not built in)")
+    export.add_argument("--with-index", action="store_true", help="include the built FAISS description index")
+    export.add_argument("--no-knowledge-base", action="store_true", help="leave the description corpus out")
+    export.add_argument("--knowledge-base-dir", help="corpus folder (MEDZERO_KNOWLEDGE_BASE_DIR)")
+    export.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_model_arguments(export)
+    verify = bundle_commands.add_parser("verify", help="check hashes and manifest, and build the model offline "
+                                                       "from the bundle alone; prints its table of contents")
+    verify.add_argument("bundle", type=Path, metavar="FILE")
+    imported = bundle_commands.add_parser("import", help="verify, then unpack into the data dir atomically and "
+                                                         "register its label sets; prints the settings to serve it")
+    imported.add_argument("bundle", type=Path, metavar="FILE")
+    imported.add_argument("--force", action="store_true", help="replace a different bundle of the same model "
+                                                               "or label sets of the same names")
+    imported.add_argument("--data-dir", help="where to unpack it (MEDZERO_DATA_DIR)")
+    imported.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def add_hica_parser(train_commands) -> None:
@@ -261,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         return serve_forever(settings)
     if args.command == "keys":
         return manage_keys(settings, args)
+    if args.command == "bundle":
+        return manage_bundle(settings, args)
     progress = not args.no_progress
     try:
         if args.command == "kb" and args.kb_command == "build":
@@ -306,6 +338,40 @@ def main(argv: list[str] | None = None) -> int:
             print(render_calibration(report))
     except MedzeroError as exc:
         print(f"medzero {args.command}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def manage_bundle(settings: Settings, args: argparse.Namespace) -> int:
+    import asyncio
+
+    from app.bundles import model_bundle
+    try:
+        if args.bundle_command == "export":
+            manifest = asyncio.run(model_bundle.export_bundle(
+                settings, args.out, label_sets=args.label_sets, with_index=args.with_index,
+                with_knowledge_base=not args.no_knowledge_base, progress=not args.no_progress))
+            print(model_bundle.table_of_contents(manifest))
+            print(f"wrote {args.out} ({args.out.stat().st_size:,} bytes); on the target: medzero bundle import "
+                  f"{args.out.name}")
+        elif args.bundle_command == "verify":
+            report = model_bundle.verify_bundle(args.bundle)
+            print(model_bundle.table_of_contents(report["manifest"]))
+            print(f"OK: hashes match, and the model builds offline from the bundle alone (embedding dimension "
+                  f"{report['check']['embed_dim']}, {report['check']['seconds']} s)")
+        else:
+            imported = asyncio.run(model_bundle.import_bundle(settings, args.bundle, force=args.force,
+                                                              progress=not args.no_progress))
+            print(f"{'already there' if imported.already_there else 'imported'}: {imported.folder}"
+                  + (f"; label sets {', '.join(imported.label_sets)}" if imported.label_sets else "")
+                  + ("; description index in place" if imported.index else ""))
+            print("serve it with:")
+            print(f"  MEDZERO_MODEL_NAME={imported.model_name}")
+            if imported.knowledge_base_dir:
+                print(f"  MEDZERO_KNOWLEDGE_BASE_DIR={imported.knowledge_base_dir}")
+            print(f"  MEDZERO_DATA_DIR={settings.data_dir}")
+    except MedzeroError as exc:
+        print(f"medzero bundle {args.bundle_command}: {exc}", file=sys.stderr)
         return 1
     return 0
 

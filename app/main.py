@@ -23,6 +23,7 @@ from app.api.deps import ACCESS_ERRORS, ClassifyDep
 from app.api.limits import DrainUnreadBody, RateLimiter, RequestTimeLimit, content_length, no_receive
 from app.api.routes import (
     adapters,
+    bundle,
     calibration,
     classify,
     dicomweb,
@@ -62,7 +63,7 @@ def create_app(settings: Settings, *, on_startup_failure: Callable[[MedzeroError
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute, settings.resolved_rate_limit_burst)
     app.include_router(health.router)            # health, readiness and /metrics: no key (probes, scrapers)
     for router in (labels.router, classify.router, kpl.router, calibration.router, adapters.router, support.router,
-                   dicomweb.router, results.router, routing.router):
+                   dicomweb.router, results.router, routing.router, bundle.router):
         # admin routes add AdminDep themselves; every one of them may answer 401, 403, 429 or 503
         app.include_router(router, dependencies=[ClassifyDep], responses=ACCESS_ERRORS)
     app.add_exception_handler(MedzeroError, medzero_error_response)

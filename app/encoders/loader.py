@@ -224,7 +224,8 @@ def load_encoder(settings: Settings) -> Encoder:
     pixel_shape = tuple(encoder.preprocess(Image.new("RGB", (256, 256))).unsqueeze(0).shape)
     encoder.image_engine = select_engine(settings.engine, model.visual, model_id=encoder.model_id,
                                          pixel_shape=pixel_shape, cache_root=settings.data_dir / "engines",
-                                         threads=torch.get_num_threads(), batch=min(settings.resolved_max_batch_size(device.type), 8),
+                                         threads=torch.get_num_threads(),
+                                         batch=min(settings.resolved_max_batch_size(device.type), 8),
                                          device=device, precision=settings.precision)
     encoder.warm_up()                                  # once more, through the engine requests will use
     release_freed_memory()

@@ -1,0 +1,294 @@
+"""Air-gapped bundles: export -> verify offline -> import into a fresh data dir -> the imported server answers
+/classify and method=kpl with the source server's probabilities; every kind of bad bundle is refused by name
+with nothing written; an import killed midway leaves the previous model whole."""
+import asyncio
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from app.bundles.archive import MANIFEST_NAME, BadBundle
+from app.bundles.model_bundle import (
+    BundleConflict,
+    export_bundle,
+    import_bundle,
+    verify_bundle,
+)
+from tests.conftest import running_app, tiny_settings
+from tests.encoders.biomedclip_tiny import build_tiny_biomedclip
+from tests.factories import png_bytes
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+LABEL_SET = {"name": "bundled-knee", "modality": "knee-xray", "classes": [
+    {"name": "normal", "descriptions": ["a uniform joint space", "smooth articular surfaces"]},
+    {"name": "osteoarthritis", "descriptions": ["a narrowed joint space", "bony spurs at the margins"]}]}
+IMAGES = [png_bytes(width=64 + 8 * i, height=48 + 4 * i) for i in range(3)]
+
+
+def probabilities(client, label_set: str, method: str = "zeroshot") -> list[dict[str, float]]:
+    found = []
+    for data in IMAGES:
+        answer = client.post("/classify", data={"label_set": label_set, "method": method},
+                             files={"file": ("x.png", data)})
+        assert answer.status_code == 200, answer.text
+        found.append({p["label"]: p["probability"] for p in answer.json()["predictions"]})
+    return found
+
+
+def assert_same(found: list[dict[str, float]], expected: list[dict[str, float]]) -> None:
+    assert [sorted(f) for f in found] == [sorted(e) for e in expected]
+    for got, want in zip(found, expected):
+        assert got == pytest.approx(want, abs=1e-6)
+
+
+def source_answers(settings) -> dict:
+    with running_app(settings) as client:
+        assert client.post("/labels", json=LABEL_SET).status_code == 201
+        return {"zeroshot": probabilities(client, LABEL_SET["name"]),
+                "kpl": probabilities(client, LABEL_SET["name"], "kpl"),
+                "builtin kpl": probabilities(client, "chest-xray-pneumonia", "kpl"),
+                "served": client.get("/bundle").json()}
+
+
+def round_trip(source, bundle: Path) -> dict:
+    expected = source_answers(source)
+    manifest = asyncio.run(export_bundle(source, bundle, label_sets=[LABEL_SET["name"]], with_index=True,
+                                         progress=False))
+    assert manifest["contents"]["label_sets"] == [LABEL_SET["name"]]
+    return {"expected": expected, "manifest": manifest}
+
+
+def serve_imported(target_dir: Path, bundle: Path) -> tuple[dict, dict]:
+    imported = asyncio.run(import_bundle(tiny_settings(target_dir), bundle, progress=False))
+    settings = tiny_settings(target_dir, model_name=imported.model_name, knowledge_base_dir=imported.knowledge_base_dir)
+    with running_app(settings) as client:
+        answers = {"zeroshot": probabilities(client, LABEL_SET["name"]),
+                   "kpl": probabilities(client, LABEL_SET["name"], "kpl"),
+                   "builtin kpl": probabilities(client, "chest-xray-pneumonia", "kpl")}
+        seen = {"imported": imported, "kb": client.get("/kb").json(), "served": client.get("/bundle").json()}
+    return answers, seen
+
+
+def test_tiny_model_round_trip_answers_as_the_source(tmp_path: Path) -> None:
+    source = tiny_settings(tmp_path / "source")
+    bundle = tmp_path / "tiny.tar.zst"
+    trip = round_trip(source, bundle)
+    report = verify_bundle(bundle)
+    assert report["check"]["embed_dim"] == trip["manifest"]["model"]["embed_dim"]
+    index_built_at = json.loads(next((tmp_path / "source" / "kb").glob("*/manifest.json")).read_text())["built_at"]
+
+    answers, seen = serve_imported(tmp_path / "target", bundle)
+    served = trip["expected"].pop("served")
+    for kind, expected in trip["expected"].items():
+        assert_same(answers[kind], expected)
+    # GET /bundle: both sites serve the weights the bundle holds, and the same label set
+    weights = trip["manifest"]["model"]["weights_sha256"]
+    assert served["model"]["weights_sha256"] == weights == seen["served"]["model"]["weights_sha256"]
+    assert seen["served"]["imported_bundle"]["weights_sha256"] == weights and served["imported_bundle"] is None
+    def label_set_hashes(manifest: dict) -> dict:
+        return {s["name"]: s["sha256"] for s in manifest["contents"]["label_sets"]}
+    assert label_set_hashes(seen["served"])[LABEL_SET["name"]] == label_set_hashes(served)[LABEL_SET["name"]]
+    assert {f["sha256"] for f in seen["served"]["files"]} == {f["sha256"] for f in served["files"]}
+    assert seen["imported"].model_name.startswith("local-dir:") and seen["imported"].index
+    assert seen["kb"]["built_at"] == index_built_at           # the bundled index, not one embedded again
+
+
+def test_biomedclip_shaped_model_needs_nothing_but_the_bundle(tmp_path: Path) -> None:
+    model_dir = build_tiny_biomedclip(tmp_path / "hub")
+    source = tiny_settings(tmp_path / "source", model_name=f"local-dir:{model_dir}")
+    bundle = tmp_path / "biomedclip.tar"
+    trip = round_trip(source, bundle)
+    assert trip["manifest"]["model"]["hf_text_tower"]
+    kinds = {entry["kind"] for entry in trip["manifest"]["files"]}
+    assert {"model", "text_tower", "tokenizer", "index", "label_sets"} <= kinds
+    shutil.rmtree(tmp_path / "hub")                # the BERT config and tokenizer it was built from: gone
+    verify_bundle(bundle)                          # builds in a child with no network and no HF cache
+
+    answers, _ = serve_imported(tmp_path / "target", bundle)
+    trip["expected"].pop("served")
+    for kind, expected in trip["expected"].items():
+        assert_same(answers[kind], expected)
+
+
+@pytest.fixture(scope="module")
+def good_bundle(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("bundle")
+    bundle = work / "good.tar"
+    asyncio.run(export_bundle(tiny_settings(work / "source"), bundle, label_sets=[], progress=False))
+    return bundle
+
+
+def members(bundle: Path) -> list[tuple[tarfile.TarInfo, bytes]]:
+    with tarfile.open(bundle) as tar:
+        return [(m, tar.extractfile(m).read() if m.isfile() else b"") for m in tar.getmembers()]
+
+
+def rewrite(bundle: Path, out: Path, edit) -> Path:
+    """A copy of `bundle` whose (member, bytes) list `edit` changed."""
+    with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
+        for member, data in edit(members(bundle)):
+            tar.addfile(member, io.BytesIO(data) if member.isfile() else None)
+    return out
+
+
+def with_manifest(items, change):
+    manifest = json.loads(items[0][1])
+    change(manifest)
+    body = json.dumps(manifest).encode()
+    info = tarfile.TarInfo(MANIFEST_NAME)
+    info.size = len(body)
+    return [(info, body), *items[1:]]
+
+
+def flip_a_byte(items):
+    (member, data), rest = items[1], items[2:]
+    return [items[0], (member, bytes([data[0] ^ 1]) + data[1:]), *rest]
+
+
+def extra_member(name: str, kind: bytes = tarfile.REGTYPE, link: str = ""):
+    def edit(items):
+        info = tarfile.TarInfo(name)
+        info.type, info.linkname = kind, link
+        info.size = 4 if kind == tarfile.REGTYPE else 0
+        return [*items, (info, b"evil" if kind == tarfile.REGTYPE else b"")]
+    return edit
+
+
+def listed_escape(items):
+    body = b"evil"
+    items = extra_member("../escaped.txt")(items)
+    return with_manifest(items, lambda m: m["files"].append(
+        {"path": "../escaped.txt", "size": 4, "sha256": hashlib.sha256(body).hexdigest(),
+         "kind": "model"}))
+
+
+def written(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+BAD_BUNDLES = {
+    "a truncated tar": (lambda b, out: written(out, b.read_bytes()[:len(b.read_bytes()) // 2]),
+                        "not a complete tar archive|not in the bundle"),
+    "a hash mismatch": (lambda b, out: rewrite(b, out, flip_a_byte), "sha256 .* does not match"),
+    "a path escaping the folder": (lambda b, out: rewrite(b, out, listed_escape), "not a plain relative path"),
+    "an absolute path": (lambda b, out: rewrite(b, out, extra_member("/etc/evil")), "not a plain relative path"),
+    "a symlink": (lambda b, out: rewrite(b, out, extra_member("model/link", tarfile.SYMTYPE, "/etc/passwd")),
+                  "is a symlink"),
+    "a hard link": (lambda b, out: rewrite(b, out, extra_member("model/hard", tarfile.LNKTYPE, "bundle.json")),
+                    "is a hard link"),
+    "an unlisted file": (lambda b, out: rewrite(b, out, extra_member("model/extra.bin")), "not listed"),
+    "another format version": (lambda b, out: rewrite(b, out, lambda items: with_manifest(
+        items, lambda m: m.update(format_version=99))), "format version 99"),
+    "not a bundle at all": (lambda b, out: written(out, b"PK\x03\x04 a zip, not a tar" * 50),
+                            "not a complete tar archive"),
+    "a truncated zstd stream": (lambda b, out: written(out, _zstd(b)[:5000]),
+                                "zstd stream is corrupt or truncated|not a complete tar"),
+}
+
+
+def _zstd(bundle: Path) -> bytes:
+    import zstandard
+    return zstandard.ZstdCompressor().compress(bundle.read_bytes())
+
+
+@pytest.mark.parametrize("case", list(BAD_BUNDLES))
+def test_bad_bundles_are_refused_by_name_and_nothing_is_written(tmp_path: Path, good_bundle: Path,
+                                                               case: str) -> None:
+    make, message = BAD_BUNDLES[case]
+    bad = make(good_bundle, tmp_path / "bad.tar")
+    with pytest.raises(BadBundle, match=message):
+        verify_bundle(bad)
+    target = tmp_path / "target"
+    with pytest.raises(BadBundle, match=message):
+        asyncio.run(import_bundle(tiny_settings(target), bad, progress=False))
+    assert not (target / "models").exists()
+    assert [p.name for p in target.iterdir() if p.name.startswith(".")] == []      # no staging left behind
+    assert not (tmp_path / "escaped.txt").exists() and not (target / "escaped.txt").exists()
+
+
+def other_bundle(tmp_path: Path) -> Path:
+    """A bundle of the same model whose corpus file has other bytes (the same descriptions, indented)."""
+    corpus = tmp_path / "corpus"
+    shutil.copytree(REPO_ROOT / "knowledge_base", corpus)
+    reindented = json.loads((corpus / "chest-xray-pneumonia.json").read_text())
+    (corpus / "chest-xray-pneumonia.json").write_text(json.dumps(reindented, indent=1))
+    other = tmp_path / "other.tar.zst"
+    asyncio.run(export_bundle(tiny_settings(tmp_path / "other-source", knowledge_base_dir=corpus), other,
+                              label_sets=[], progress=False))
+    return other
+
+
+def test_a_different_bundle_of_the_same_model_needs_force(tmp_path: Path, good_bundle: Path) -> None:
+    target = tiny_settings(tmp_path / "target")
+    first = asyncio.run(import_bundle(target, good_bundle, progress=False))
+    again = asyncio.run(import_bundle(target, good_bundle, progress=False))
+    assert again.already_there and again.folder == first.folder
+
+    other = other_bundle(tmp_path)
+    stamp = (first.folder / MANIFEST_NAME).read_bytes()
+    with pytest.raises(BundleConflict, match="--force"):
+        asyncio.run(import_bundle(target, other, progress=False))
+    assert (first.folder / MANIFEST_NAME).read_bytes() == stamp
+    replaced = asyncio.run(import_bundle(target, other, force=True, progress=False))
+    assert replaced.folder == first.folder and (first.folder / MANIFEST_NAME).read_bytes() != stamp
+
+
+def files_of(folder: Path) -> dict[Path, bytes]:
+    return {path.relative_to(folder): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+def test_an_import_killed_midway_leaves_a_whole_model(tmp_path: Path, good_bundle: Path) -> None:
+    data_dir = tmp_path / "target"
+    first = asyncio.run(import_bundle(tiny_settings(data_dir), good_bundle, progress=False))
+    other = other_bundle(tmp_path)
+    env = {**os.environ, "MEDZERO_DATA_DIR": str(data_dir), "MEDZERO_MODEL_NAME": "medzero-tiny",
+           "MEDZERO_LOG_LEVEL": "warning", "MEDZERO_ENGINE": "torch"}
+    for delay in (0.3, 1.0, 2.0, 3.5):
+        child = subprocess.Popen([sys.executable, "-m", "app", "bundle", "import", str(other), "--force",
+                                  "--no-progress"], cwd=REPO_ROOT, env=env)
+        time.sleep(delay)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        # whichever bundle the folder holds now, it holds it whole: every file its manifest lists, unchanged
+        manifest = json.loads((first.folder / MANIFEST_NAME).read_text())
+        for entry in manifest["files"]:
+            if entry["path"] != "model/open_clip_config.json":      # rewritten with this folder's paths
+                assert hashlib.sha256((first.folder / entry["path"]).read_bytes()).hexdigest() == entry["sha256"]
+        assert set(files_of(first.folder)) == {Path(e["path"]) for e in manifest["files"]} | {Path(MANIFEST_NAME)}
+    finished = asyncio.run(import_bundle(tiny_settings(data_dir), other, force=True, progress=False))
+    assert finished.folder == first.folder
+
+
+def test_the_cli_exports_verifies_and_imports(tmp_path: Path) -> None:
+    env = {**os.environ, "MEDZERO_LOG_LEVEL": "warning", "MEDZERO_ENGINE": "torch", "MEDZERO_MODEL_NAME": "medzero-tiny"}
+
+    def medzero(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "app", "bundle", *args], cwd=REPO_ROOT, env=env,
+                              capture_output=True, text=True, timeout=300, check=False)
+
+    bundle = tmp_path / "site.tar.zst"
+    exported = medzero("export", "--out", str(bundle), "--data-dir", str(tmp_path / "source"), "--no-progress")
+    assert exported.returncode == 0, exported.stderr
+    assert "model/open_clip_model.safetensors" in exported.stdout and bundle.is_file()
+    verified = medzero("verify", str(bundle))
+    assert verified.returncode == 0 and "builds offline from the bundle alone" in verified.stdout, verified.stderr
+    imported = medzero("import", str(bundle), "--data-dir", str(tmp_path / "target"), "--no-progress")
+    assert imported.returncode == 0, imported.stderr
+    model_line = next(line for line in imported.stdout.splitlines() if "MEDZERO_MODEL_NAME=" in line)
+    assert Path(model_line.split("local-dir:", 1)[1]).joinpath("open_clip_model.safetensors").is_file()
+    unknown = medzero("export", "--out", str(tmp_path / "x.tar"), "--label-sets", "nope", "--data-dir",
+                      str(tmp_path / "source"), "--no-progress")
+    assert unknown.returncode == 1 and "no label set named 'nope'" in unknown.stderr
+    broken = written(tmp_path / "broken.tar", bundle.read_bytes()[:20000])
+    refused = medzero("verify", str(broken))
+    assert refused.returncode == 1 and "truncated" in refused.stderr and not (tmp_path / "x.tar").exists()
