@@ -22,6 +22,7 @@ from app.errors import InvalidInput
 FORMAT = "medzero-bundle"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "bundle.json"
+STAGING_PREFIX = ".medzero-bundle-"   # + the unpacking process's pid: a later import removes a dead one's
 _CHUNK = 1 << 20
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
@@ -127,6 +128,28 @@ def check_manifest(manifest: object) -> dict:
     return manifest
 
 
+def remove_abandoned_staging(parent: Path) -> list[Path]:
+    """Delete staging folders that an unpack killed midway left in `parent` (its process is gone): a bundle can be
+    gigabytes. A folder whose process still runs (an import under way) is left alone."""
+    removed = []
+    for folder in parent.glob(f"{STAGING_PREFIX}*"):
+        pid = folder.name[len(STAGING_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:          # someone else's process: alive
+        return True
+    return True
+
+
 @contextmanager
 def unpacked(bundle: Path, parent: Path | None = None) -> Iterator[tuple[dict, Path]]:
     """(manifest, folder) of a checked bundle unpacked into a temporary folder (under `parent` when given, so a
@@ -134,7 +157,9 @@ def unpacked(bundle: Path, parent: Path | None = None) -> Iterator[tuple[dict, P
     the caller moved it. BadBundle before the block runs for anything the module docstring lists."""
     if not bundle.is_file():
         raise BadBundle(f"{bundle}: no such bundle file")
-    staging = Path(tempfile.mkdtemp(dir=parent, prefix=".medzero-bundle-"))
+    if parent is not None:
+        remove_abandoned_staging(parent)
+    staging = Path(tempfile.mkdtemp(dir=parent, prefix=f"{STAGING_PREFIX}{os.getpid()}-"))
     try:
         manifest = _extract_checked(bundle, staging)
         yield manifest, staging

@@ -253,10 +253,19 @@ def test_an_import_killed_midway_leaves_a_whole_model(tmp_path: Path, good_bundl
     other = other_bundle(tmp_path)
     env = {**os.environ, "MEDZERO_DATA_DIR": str(data_dir), "MEDZERO_MODEL_NAME": "medzero-tiny",
            "MEDZERO_LOG_LEVEL": "warning", "MEDZERO_ENGINE": "torch"}
-    for delay in (0.3, 1.0, 2.0, 3.5):
+    def staging() -> list[Path]:
+        return [p for p in data_dir.iterdir() if p.name.startswith(".medzero-bundle-")]
+
+    for when in ("unpacking", 1.0, 2.5):      # once the bundle is being unpacked, then at fixed times
         child = subprocess.Popen([sys.executable, "-m", "app", "bundle", "import", str(other), "--force",
                                   "--no-progress"], cwd=REPO_ROOT, env=env)
-        time.sleep(delay)
+        if when == "unpacking":
+            deadline = time.monotonic() + 120
+            while not staging() and child.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert staging(), "the import never started unpacking"
+        else:
+            time.sleep(when)
         child.send_signal(signal.SIGKILL)
         child.wait()
         # whichever bundle the folder holds now, it holds it whole: every file its manifest lists, unchanged
@@ -267,6 +276,8 @@ def test_an_import_killed_midway_leaves_a_whole_model(tmp_path: Path, good_bundl
         assert set(files_of(first.folder)) == {Path(e["path"]) for e in manifest["files"]} | {Path(MANIFEST_NAME)}
     finished = asyncio.run(import_bundle(tiny_settings(data_dir), other, force=True, progress=False))
     assert finished.folder == first.folder
+    # what the killed imports had unpacked is gone: the next import removed the dead processes' staging
+    assert [p.name for p in data_dir.iterdir() if p.name.startswith(".medzero-bundle-")] == []
 
 
 def test_the_cli_exports_verifies_and_imports(tmp_path: Path) -> None:
