@@ -118,10 +118,10 @@ def stage_model(encoder, model_name: str, cache_dir: Path | None, staging: Path)
     from app.encoders.loader import hub_session
     model_dir = staging / MODEL_DIR
     model_dir.mkdir(parents=True)
-    model_cfg = json.loads(json.dumps(source_model_config(model_name, cache_dir)))
-    text_cfg = model_cfg.setdefault("text_cfg", {})
     entries: list[FileEntry] = []
     with hub_session(True, cache_dir):          # everything comes from what this machine already holds
+        model_cfg = json.loads(json.dumps(source_model_config(model_name, cache_dir)))
+        text_cfg = model_cfg.setdefault("text_cfg", {})
         if text_cfg.get("hf_model_name"):
             from transformers import AutoConfig
             AutoConfig.from_pretrained(text_cfg["hf_model_name"]).save_pretrained(staging / TEXT_DIR)

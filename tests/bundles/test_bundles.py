@@ -303,3 +303,21 @@ def test_the_cli_exports_verifies_and_imports(tmp_path: Path) -> None:
     broken = written(tmp_path / "broken.tar", bundle.read_bytes()[:20000])
     refused = medzero("verify", str(broken))
     assert refused.returncode == 1 and "truncated" in refused.stderr and not (tmp_path / "x.tar").exists()
+
+
+def test_biomedclip_from_a_hub_cache_travels_with_its_bert_config_and_tokenizer(tmp_path: Path) -> None:
+    """The default model's shape as a hub cache holds it: the open_clip repo names a second repo (its BERT) for
+    the text tower and tokenizer, the files open_clip users copy by hand for an offline BiomedCLIP."""
+    from tests.encoders.test_biomedclip_shape import cache_like_the_hub
+    model_dir = build_tiny_biomedclip(tmp_path / "built")
+    cache = tmp_path / "hub-cache"
+    model_name = cache_like_the_hub(cache, model_dir, with_text_tower_repo=True)
+    source = tiny_settings(tmp_path / "source", model_name=model_name, cache_dir=cache, hub_offline=True)
+    bundle = tmp_path / "biomedclip-hub.tar"
+    manifest = asyncio.run(export_bundle(source, bundle, label_sets=[], with_knowledge_base=False, progress=False))
+    assert manifest["model"]["model_id"] == model_name and manifest["model"]["hf_text_tower"]
+    text_cfg = manifest["model"]["open_clip_config"]["model_cfg"]["text_cfg"]
+    assert "acme" not in json.dumps(text_cfg)               # no hub repo left for transformers to fetch
+    shutil.rmtree(cache)
+    shutil.rmtree(tmp_path / "built")
+    assert verify_bundle(bundle)["check"]["embed_dim"] == manifest["model"]["embed_dim"]
