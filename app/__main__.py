@@ -9,7 +9,7 @@
     medzero train meduna --label-set NAME --images DIR --out DIR   MedUnA adapter + prompt tokens, offline
     medzero train hica --label-set NAME --shots DIR --out DIR      HiCA few-shot adaptation, offline
     medzero keys create --name NAME --scope classify|admin | list | revoke ID     API keys (hashed in the database)
-    medzero bundle export --out FILE [--label-sets a,b] [--with-index]   the model (+ corpus, index, label sets)
+    medzero bundle export --out FILE [--label-sets a,b] [--with-index] [--with-state]   the model (+ corpus...)
     medzero bundle verify FILE | import FILE [--force]        check offline / unpack it for an air-gapped site
 """
 import argparse
@@ -37,7 +37,7 @@ COMMAND_ARGUMENTS = {"command", "kb_command", "kpl_command", "label_set", "n_per
                      "clusters_per_class", "clusters", "pre_epochs", "cluster_temperature", "text_temperature",
                      "global_weight", "local_weight", "cross_weight", "global_temperature", "local_temperature",
                      "margin", "grid", "keys_command", "name", "scope", "key_id", "bundle_command", "bundle",
-                     "label_sets", "with_index", "no_knowledge_base"}
+                     "label_sets", "with_index", "no_knowledge_base", "with_state"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,9 +190,12 @@ def add_bundle_parser(commands) -> None:
                         help="comma-separated label sets to include (default: every one not built in)")
     export.add_argument("--with-index", action="store_true", help="include the built FAISS description index")
     export.add_argument("--no-knowledge-base", action="store_true", help="leave the description corpus out")
+    export.add_argument("--with-state", action="store_true", help="include the label sets' learned state under "
+                        "this model: KPL fits, MedUnA / HiCA adapters, few-shot support sets, calibrations")
     export.add_argument("--knowledge-base-dir", help="corpus folder (MEDZERO_KNOWLEDGE_BASE_DIR)")
     export.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_model_arguments(export)
+    export.add_argument("--model", dest="model_name", help="the same as --model-name")
     verify = bundle_commands.add_parser("verify", help="check hashes and manifest, and build the model offline "
                                                        "from the bundle alone; prints its table of contents")
     verify.add_argument("bundle", type=Path, metavar="FILE")
@@ -350,7 +353,8 @@ def manage_bundle(settings: Settings, args: argparse.Namespace) -> int:
         if args.bundle_command == "export":
             manifest = asyncio.run(model_bundle.export_bundle(
                 settings, args.out, label_sets=args.label_sets, with_index=args.with_index,
-                with_knowledge_base=not args.no_knowledge_base, progress=not args.no_progress))
+                with_knowledge_base=not args.no_knowledge_base, with_state=args.with_state,
+                progress=not args.no_progress))
             print(model_bundle.table_of_contents(manifest))
             print(f"wrote {args.out} ({args.out.stat().st_size:,} bytes); on the target: medzero bundle import "
                   f"{args.out.name}")
@@ -364,7 +368,8 @@ def manage_bundle(settings: Settings, args: argparse.Namespace) -> int:
                                                               progress=not args.no_progress))
             print(f"{'already there' if imported.already_there else 'imported'}: {imported.folder}"
                   + (f"; label sets {', '.join(imported.label_sets)}" if imported.label_sets else "")
-                  + ("; description index in place" if imported.index else ""))
+                  + ("; description index in place" if imported.index else "")
+                  + (f"; {imported.states} learned state(s) stored" if imported.states else ""))
             print("serve it with:")
             print(f"  MEDZERO_MODEL_NAME={imported.model_name}")
             if imported.knowledge_base_dir:

@@ -52,10 +52,33 @@ log = logging.getLogger(__name__)
 
 MODEL_DIR, TEXT_DIR, KB_DIR, INDEX_DIR = "model", "text", "knowledge_base", "index"
 LABEL_SETS_FILE = "label_sets.json"
+STATE_DIR, STATE_FILE = "state", "state.json"
 CONFIG_FILE, WEIGHTS_FILE = "open_clip_config.json", "open_clip_model.safetensors"
 TEXT_PLACEHOLDER = "medzero-bundle:text"       # text_cfg.hf_model_name in the bundled config
 TOKENIZER_PLACEHOLDER = "medzero-bundle:model"  # text_cfg.hf_tokenizer_name (a local-dir model reads its own folder)
 OFFLINE_CHECK_SECONDS = 600
+
+
+IMPORT_STAMP = "imported.json"   # beside model/: the source model id, and the weights file it belongs to
+
+
+def imported_model_id(model_name: str) -> str | None:
+    """The model id of the machine a `local-dir:` model was exported from, when `bundle import` put it here and its
+    weights file is the one imported (same size and modification time): the same weights keep the same id, so
+    the index, class embeddings and method state made under it stay theirs. None otherwise."""
+    schema, identifier = parse_model_name(model_name)
+    if schema != "local-dir":
+        return None
+    folder = Path(identifier)
+    try:
+        stamp = json.loads((folder.parent / IMPORT_STAMP).read_text(encoding="utf-8"))
+        weights = (folder / stamp["weights"]["file"]).stat()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if (weights.st_size, weights.st_mtime_ns) != (stamp["weights"]["size"], stamp["weights"]["mtime_ns"]):
+        log.warning("%s: the weights changed since `medzero bundle import`; serving them as a new model", folder)
+        return None
+    return stamp["model_id"]
 
 
 class BundleConflict(InvalidInput):
@@ -70,6 +93,7 @@ class Imported:
     label_sets: list[str]
     index: bool
     already_there: bool
+    states: int = 0                 # method states stored (KPL fits, adapters, support sets, calibrations)
 
 
 def _versions() -> dict[str, str]:
@@ -146,7 +170,7 @@ def stage_model(encoder, model_name: str, cache_dir: Path | None, staging: Path)
 
 
 async def export_bundle(settings, out: Path, *, label_sets: list[str] | None = None, with_index: bool = False,
-                        with_knowledge_base: bool = True, progress: bool = True) -> dict:
+                        with_knowledge_base: bool = True, with_state: bool = False, progress: bool = True) -> dict:
     """Write the bundle of what `settings` serve to `out`; returns its manifest."""
     from app.encoders.loader import choose_model
     from app.runtime import Runtime
@@ -179,6 +203,8 @@ async def export_bundle(settings, out: Path, *, label_sets: list[str] | None = N
                     for name in wanted]
                 (staging / LABEL_SETS_FILE).write_text(json.dumps(specs, indent=2), encoding="utf-8")
                 files.append(entry_for(staging, staging / LABEL_SETS_FILE, "label_sets"))
+            if with_state:
+                files += stage_state(runtime.states, [known[name] for name in wanted], encoder.model_id, staging)
             weights = next(f for f in files if f.path == f"{MODEL_DIR}/{WEIGHTS_FILE}")
             manifest = {
                 "format": FORMAT, "format_version": FORMAT_VERSION,
@@ -188,11 +214,63 @@ async def export_bundle(settings, out: Path, *, label_sets: list[str] | None = N
                           "pretrained_weights": encoder.has_pretrained_weights, "embed_dim": encoder.embed_dim,
                           "hf_text_tower": (staging / TEXT_DIR).is_dir(), "open_clip_config": config},
                 "contents": {"knowledge_base": with_knowledge_base, "index": with_index, "label_sets": wanted,
-                             "state": False},
+                             "state": (staging / STATE_FILE).is_file()},
                 "files": [asdict(entry) for entry in files],
             }
             write_bundle(staging, manifest, out)
     return manifest
+
+
+def stage_state(states, label_sets: list, model_id: str, staging: Path) -> list[FileEntry]:
+    """Each label set's current learned state under this model, every kind (KPL fit, adapters, support set,
+    calibrations): state/<label set>/<kind>.npz (the stored arrays) and state.json (kind, meta, version, time)."""
+    records, entries = [], []
+    for label_set in label_sets:
+        for stored in states.newest_of_each_kind(label_set.name, label_set.version, model_id):
+            path = staging / STATE_DIR / label_set.name / f"{_slug(stored.kind)}.npz"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(stored.blob)
+            entries.append(entry_for(staging, path, "state"))
+            records.append({"label_set": label_set.name, "kind": stored.kind, "arrays": entries[-1].path,
+                            "meta": stored.meta, "version": stored.version,
+                            "created_at": stored.created_at.isoformat()})
+    if not records:
+        return []
+    (staging / STATE_FILE).write_text(json.dumps(records, indent=2), encoding="utf-8")
+    return [*entries, entry_for(staging, staging / STATE_FILE, "state")]
+
+
+def restore_state(states, folder: Path, label_set_versions: dict[str, int], model_id: str) -> int:
+    """Store the bundle's states under this data dir's versions of their label sets; how many were new. A
+    calibration is re-pointed at its method's state as stored here (it names that state's version and time)."""
+    from app.storage.method_states import StateKey
+    records = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    stamps: dict[tuple[str, str, int, str], tuple[int, str]] = {}    # source (set, kind, version, time) -> here
+    added = 0
+    for record in sorted(records, key=lambda r: r["kind"].startswith("calibration.")):   # methods first
+        version = label_set_versions[record["label_set"]]
+        meta = json.loads(json.dumps(record["meta"]))
+        for holder in (meta, meta.get("manifest")):
+            if isinstance(holder, dict) and "label_set_version" in holder:
+                holder["label_set_version"] = version
+        if record["kind"].startswith("calibration."):
+            source = (record["label_set"], record["kind"].removeprefix("calibration."),
+                      meta.get("method_state_version"), meta.get("method_state_created_at"))
+            if source in stamps:
+                meta["method_state_version"], meta["method_state_created_at"] = stamps[source]
+        key = StateKey(record["kind"], record["label_set"], version, model_id)
+        blob = (folder / record["arrays"]).read_bytes()
+        created_at = datetime.fromisoformat(record["created_at"])
+        current = next((stored for stored in states.newest_of_each_kind(record["label_set"], version, model_id)
+                        if stored.kind == record["kind"]), None)
+        if current is not None and (current.blob, current.meta, current.created_at) == (blob, meta, created_at):
+            stamp_here = (current.version, current.created_at.isoformat())     # imported before: not again
+        else:
+            stored = states.add_packed(key, blob, meta, created_at)
+            stamp_here = (stored.version, stored.created_at.isoformat())
+            added += 1
+        stamps[(record["label_set"], record["kind"], record["version"], record["created_at"])] = stamp_here
+    return added
 
 
 # -- verify
@@ -331,6 +409,9 @@ async def import_bundle(settings, bundle: Path, *, force: bool = False, progress
                 shutil.rmtree(retired, ignore_errors=True)
     model_dir = localise(target, manifest)
     model_name = f"local-dir:{model_dir}"
+    weights = (model_dir / WEIGHTS_FILE).stat()
+    (target / IMPORT_STAMP).write_text(json.dumps({"model_id": manifest["model"]["model_id"], "weights": {
+        "file": WEIGHTS_FILE, "size": weights.st_size, "mtime_ns": weights.st_mtime_ns}}), encoding="utf-8")
     knowledge_base_dir = target / KB_DIR if manifest["contents"].get("knowledge_base") else None
     if manifest["contents"].get("index"):
         _place_index(target / INDEX_DIR, index_dir(data_dir, model_id_for(model_name, None)),
@@ -340,14 +421,20 @@ async def import_bundle(settings, bundle: Path, *, force: bool = False, progress
     # the label sets first, the index after: the bundled index holds their descriptions, and a sync before they
     # exist here would drop those rows only to embed them again
     async with Runtime.for_job(serving, progress=progress, index="skip") as runtime:
+        here = {label_set.name: label_set for label_set in runtime.label_sets.list()}   # built-ins now too
         for spec in specs:
-            if spec.name not in stored:
+            if spec.name not in here:
                 runtime.label_sets.create(spec)
-            elif spec.name in clashes:
-                runtime.label_sets.replace(spec.name, spec)
+            elif (spec.name in clashes or spec.name not in stored) and LabelSetSpec.model_validate(
+                    here[spec.name].model_dump(include=set(LabelSetSpec.model_fields))) != spec:
+                runtime.label_sets.replace(spec.name, spec)     # a clash (--force), or a built-in as bundled
         runtime.knowledge.sync(runtime.label_sets.list(), progress=progress)
+        states = 0
+        if manifest["contents"].get("state"):
+            versions = {spec.name: runtime.label_sets.get(spec.name).version for spec in specs}
+            states = restore_state(runtime.states, target, versions, runtime.encoder.model_id)
     return Imported(target, model_name, knowledge_base_dir, [spec.name for spec in specs],
-                    bool(manifest["contents"].get("index")), already_there)
+                    bool(manifest["contents"].get("index")), already_there, states)
 
 
 def _place_index(source: Path, destination: Path, model_id: str) -> None:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from open_clip.factory import parse_model_name
 from PIL import Image
 
+from app.bundles.model_bundle import imported_model_id
 from app.encoders.engines import ImageEngine, select_engine
 from app.encoders.tower_variants import TowerVariant
 from app.errors import ModelLoadError
@@ -238,7 +239,7 @@ def model_id_for(model_name: str, pretrained: str | None) -> str:
     """A stable key for 'these weights': cached text embeddings are only reused under the same key.
     A checkpoint file is keyed by its name, size and modification time, so replacing it invalidates caches."""
     if not pretrained:
-        return model_name
+        return imported_model_id(model_name) or model_name
     path = Path(pretrained)
     if path.is_file():
         stat = path.stat()

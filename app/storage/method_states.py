@@ -39,6 +39,15 @@ class StateStamp:
     created_at: datetime
 
 
+@dataclass(frozen=True)
+class StoredState:
+    kind: str
+    blob: bytes                # pack_arrays' bytes
+    meta: dict
+    version: int
+    created_at: datetime
+
+
 class MethodStateRepository:
     def __init__(self, engine: Engine) -> None:
         self._readers, self._writers = session_factories(engine)
@@ -47,13 +56,28 @@ class MethodStateRepository:
 
     def add(self, key: StateKey, arrays: dict[str, np.ndarray], meta: dict) -> StateStamp:
         """Store a new state for `key`; its version is one more than the last of this kind, label set and model."""
-        blob = pack_arrays(arrays)
-        try:
-            return self._add(key, blob, meta)
-        except IntegrityError:   # a writer that skipped the row lock (none of ours) took the number: take the next
-            return self._add(key, blob, meta)
+        return self.add_packed(key, pack_arrays(arrays), meta)
 
-    def _add(self, key: StateKey, blob: bytes, meta: dict) -> StateStamp:
+    def add_packed(self, key: StateKey, blob: bytes, meta: dict, created_at: datetime | None = None) -> StateStamp:
+        """`add` for arrays already packed (a bundle's), keeping their creation time when given."""
+        try:
+            return self._add(key, blob, meta, created_at)
+        except IntegrityError:   # a writer that skipped the row lock (none of ours) took the number: take the next
+            return self._add(key, blob, meta, created_at)
+
+    def newest_of_each_kind(self, label_set: str, label_set_version: int, model_id: str) -> list[StoredState]:
+        """The current state of every kind for this label-set version and model (what a bundle carries)."""
+        with self._readers() as session:
+            rows = session.scalars(select(MethodStateRow).join(LabelSetRow).where(
+                LabelSetRow.name == label_set, MethodStateRow.label_set_version == label_set_version,
+                MethodStateRow.model_id == model_id).order_by(MethodStateRow.kind, MethodStateRow.version.desc()))
+            newest: dict[str, StoredState] = {}
+            for row in rows:
+                newest.setdefault(row.kind, StoredState(row.kind, bytes(row.arrays), dict(row.meta), row.version,
+                                                        as_utc(row.created_at)))
+            return list(newest.values())
+
+    def _add(self, key: StateKey, blob: bytes, meta: dict, created_at: datetime | None = None) -> StateStamp:
         with write_transaction(self._writers) as session:
             label_set_id = session.scalar(
                 select(LabelSetRow.id).where(LabelSetRow.name == key.label_set).with_for_update())
@@ -63,7 +87,8 @@ class MethodStateRepository:
                 MethodStateRow.label_set_id == label_set_id, MethodStateRow.kind == key.kind,
                 MethodStateRow.model_id == key.model_id)) or 0
             row = MethodStateRow(kind=key.kind, label_set_id=label_set_id, label_set_version=key.label_set_version,
-                                 model_id=key.model_id, version=last + 1, arrays=blob, meta=meta, created_at=utcnow())
+                                 model_id=key.model_id, version=last + 1, arrays=blob, meta=meta,
+                                 created_at=created_at or utcnow())
             session.add(row)
         return StateStamp(row.version, as_utc(row.created_at))
 

@@ -14,16 +14,18 @@ import tarfile
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from app.bundles.archive import MANIFEST_NAME, BadBundle
 from app.bundles.model_bundle import (
+    IMPORT_STAMP,
     BundleConflict,
     export_bundle,
     import_bundle,
     verify_bundle,
 )
-from tests.conftest import running_app, tiny_settings
+from tests.conftest import free_port, running_app, tiny_settings
 from tests.encoders.biomedclip_tiny import build_tiny_biomedclip
 from tests.factories import png_bytes
 
@@ -50,32 +52,61 @@ def assert_same(found: list[dict[str, float]], expected: list[dict[str, float]])
         assert got == pytest.approx(want, abs=1e-6)
 
 
+def pool(n: int) -> list[tuple[str, tuple[str, bytes]]]:
+    return [("files", (f"pool{i}.png", png_bytes(width=40 + 7 * i, height=90 - 5 * i, mode="L" if i % 2 else "RGB")))
+            for i in range(n)]
+
+
+def answers(client) -> dict:
+    return {"zeroshot": probabilities(client, LABEL_SET["name"]),
+            "kpl": probabilities(client, LABEL_SET["name"], "kpl"),           # with the stored KPL fit
+            "fewshot": probabilities(client, LABEL_SET["name"], "fewshot"),   # with the stored support set
+            "builtin kpl": probabilities(client, "chest-xray-pneumonia", "kpl")}
+
+
 def source_answers(settings) -> dict:
     with running_app(settings) as client:
         assert client.post("/labels", json=LABEL_SET).status_code == 201
-        return {"zeroshot": probabilities(client, LABEL_SET["name"]),
-                "kpl": probabilities(client, LABEL_SET["name"], "kpl"),
-                "builtin kpl": probabilities(client, "chest-xray-pneumonia", "kpl"),
-                "served": client.get("/bundle").json()}
+        assert client.post(f"/labels/{LABEL_SET['name']}/kpl", files=pool(8)).status_code == 201
+        support = client.post(f"/labels/{LABEL_SET['name']}/support", files=pool(4),
+                              data={"classes": ["normal", "osteoarthritis"] * 2})
+        assert support.status_code == 200, support.text
+        found = answers(client)
+        found["fit"] = client.get(f"/labels/{LABEL_SET['name']}/kpl").json()
+        found["served"] = client.get("/bundle").json()
+        return found
 
 
 def round_trip(source, bundle: Path) -> dict:
     expected = source_answers(source)
     manifest = asyncio.run(export_bundle(source, bundle, label_sets=[LABEL_SET["name"]], with_index=True,
-                                         progress=False))
+                                         with_state=True, progress=False))
+    assert manifest["contents"]["state"]
     assert manifest["contents"]["label_sets"] == [LABEL_SET["name"]]
     return {"expected": expected, "manifest": manifest}
 
 
 def serve_imported(target_dir: Path, bundle: Path) -> tuple[dict, dict]:
     imported = asyncio.run(import_bundle(tiny_settings(target_dir), bundle, progress=False))
+    assert imported.states == 2                                  # the KPL fit and the support set
     settings = tiny_settings(target_dir, model_name=imported.model_name, knowledge_base_dir=imported.knowledge_base_dir)
     with running_app(settings) as client:
-        answers = {"zeroshot": probabilities(client, LABEL_SET["name"]),
-                   "kpl": probabilities(client, LABEL_SET["name"], "kpl"),
-                   "builtin kpl": probabilities(client, "chest-xray-pneumonia", "kpl")}
-        seen = {"imported": imported, "kb": client.get("/kb").json(), "served": client.get("/bundle").json()}
-    return answers, seen
+        found = answers(client)
+        seen = {"imported": imported, "kb": client.get("/kb").json(), "served": client.get("/bundle").json(),
+                "fit": client.get(f"/labels/{LABEL_SET['name']}/kpl").json(),
+                "model": client.get("/readyz").json()["model"]}
+    again = asyncio.run(import_bundle(tiny_settings(target_dir), bundle, progress=False))
+    assert again.already_there and again.states == 0             # importing twice stores nothing twice
+    return found, seen
+
+
+def check_trip(trip: dict, found: dict, seen: dict) -> None:
+    expected = trip["expected"]
+    for kind in ("zeroshot", "kpl", "fewshot", "builtin kpl"):
+        assert_same(found[kind], expected[kind])
+    assert seen["model"] == trip["manifest"]["model"]["model_id"]     # the same weights keep the source's id
+    assert seen["fit"]["pool_size"] == expected["fit"]["pool_size"] == 8
+    assert seen["fit"]["class_balance"] == expected["fit"]["class_balance"]
 
 
 def test_tiny_model_round_trip_answers_as_the_source(tmp_path: Path) -> None:
@@ -86,10 +117,9 @@ def test_tiny_model_round_trip_answers_as_the_source(tmp_path: Path) -> None:
     assert report["check"]["embed_dim"] == trip["manifest"]["model"]["embed_dim"]
     index_built_at = json.loads(next((tmp_path / "source" / "kb").glob("*/manifest.json")).read_text())["built_at"]
 
-    answers, seen = serve_imported(tmp_path / "target", bundle)
-    served = trip["expected"].pop("served")
-    for kind, expected in trip["expected"].items():
-        assert_same(answers[kind], expected)
+    found, seen = serve_imported(tmp_path / "target", bundle)
+    check_trip(trip, found, seen)
+    served = trip["expected"]["served"]
     # GET /bundle: both sites serve the weights the bundle holds, and the same label set
     weights = trip["manifest"]["model"]["weights_sha256"]
     assert served["model"]["weights_sha256"] == weights == seen["served"]["model"]["weights_sha256"]
@@ -113,10 +143,7 @@ def test_biomedclip_shaped_model_needs_nothing_but_the_bundle(tmp_path: Path) ->
     shutil.rmtree(tmp_path / "hub")                # the BERT config and tokenizer it was built from: gone
     verify_bundle(bundle)                          # builds in a child with no network and no HF cache
 
-    answers, _ = serve_imported(tmp_path / "target", bundle)
-    trip["expected"].pop("served")
-    for kind, expected in trip["expected"].items():
-        assert_same(answers[kind], expected)
+    check_trip(trip, *serve_imported(tmp_path / "target", bundle))
 
 
 @pytest.fixture(scope="module")
@@ -273,7 +300,8 @@ def test_an_import_killed_midway_leaves_a_whole_model(tmp_path: Path, good_bundl
         for entry in manifest["files"]:
             if entry["path"] != "model/open_clip_config.json":      # rewritten with this folder's paths
                 assert hashlib.sha256((first.folder / entry["path"]).read_bytes()).hexdigest() == entry["sha256"]
-        assert set(files_of(first.folder)) == {Path(e["path"]) for e in manifest["files"]} | {Path(MANIFEST_NAME)}
+        listed = {Path(e["path"]) for e in manifest["files"]} | {Path(MANIFEST_NAME)}
+        assert listed <= set(files_of(first.folder)) <= listed | {Path(IMPORT_STAMP)}
     finished = asyncio.run(import_bundle(tiny_settings(data_dir), other, force=True, progress=False))
     assert finished.folder == first.folder
     # what the killed imports had unpacked is gone: the next import removed the dead processes' staging
@@ -295,8 +323,32 @@ def test_the_cli_exports_verifies_and_imports(tmp_path: Path) -> None:
     assert verified.returncode == 0 and "builds offline from the bundle alone" in verified.stdout, verified.stderr
     imported = medzero("import", str(bundle), "--data-dir", str(tmp_path / "target"), "--no-progress")
     assert imported.returncode == 0, imported.stderr
-    model_line = next(line for line in imported.stdout.splitlines() if "MEDZERO_MODEL_NAME=" in line)
-    assert Path(model_line.split("local-dir:", 1)[1]).joinpath("open_clip_model.safetensors").is_file()
+    printed = dict(line.strip().split("=", 1) for line in imported.stdout.splitlines() if line.startswith("  MEDZERO_"))
+    assert Path(printed["MEDZERO_MODEL_NAME"].removeprefix("local-dir:"), "open_clip_model.safetensors").is_file()
+    # `medzero serve` with exactly what import printed answers /classify under the source's model id
+    port = free_port()
+    with open(tmp_path / "serve.log", "wb") as log:
+        server = subprocess.Popen([sys.executable, "-m", "app", "serve"], cwd=REPO_ROOT, stdout=log,
+                                  stderr=subprocess.STDOUT, env={**env, **printed, "MEDZERO_PORT": str(port),
+                                                                 "MEDZERO_AUTH": "off"})
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2)
+                if ready.status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()
+            time.sleep(0.2)
+        assert ready.json()["model"] == "medzero-tiny"
+        answer = httpx.post(f"http://127.0.0.1:{port}/classify", data={"label_set": "chest-xray-pneumonia"},
+                            files={"file": ("x.png", png_bytes())}, timeout=60)
+        assert answer.status_code == 200 and len(answer.json()["predictions"]) == 2
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
     unknown = medzero("export", "--out", str(tmp_path / "x.tar"), "--label-sets", "nope", "--data-dir",
                       str(tmp_path / "source"), "--no-progress")
     assert unknown.returncode == 1 and "no label set named 'nope'" in unknown.stderr
@@ -321,3 +373,79 @@ def test_biomedclip_from_a_hub_cache_travels_with_its_bert_config_and_tokenizer(
     shutil.rmtree(cache)
     shutil.rmtree(tmp_path / "built")
     assert verify_bundle(bundle)["check"]["embed_dim"] == manifest["model"]["embed_dim"]
+
+
+def test_a_calibration_still_applies_to_its_fit_after_the_trip(tmp_path: Path) -> None:
+    """State is stored anew on the target (its own versions and label-set version); a calibration names the state
+    it was made on by version and creation time, so restore_state re-points it at that state as stored there."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from app.bundles.model_bundle import restore_state, stage_state
+    from app.domain import LabelSetSpec
+    from app.methods.calibration import Calibration, calibration_kind
+    from app.storage.db import create_db_engine
+    from app.storage.label_sets import LabelSetRepository
+    from app.storage.method_states import MethodStateRepository, StateKey
+
+    spec, model_id = LabelSetSpec.model_validate(LABEL_SET), "medzero-tiny"
+    embeddings = np.eye(2, 8, dtype=np.float32)
+
+    def store(folder: Path) -> tuple[LabelSetRepository, MethodStateRepository]:
+        engine = create_db_engine(f"sqlite:///{folder / 'medzero.db'}")
+        return LabelSetRepository(engine), MethodStateRepository(engine)
+
+    source_sets, source = store(tmp_path / "source")
+    label_set = source_sets.create(spec, model_id=model_id, class_embeddings=embeddings)
+    key = StateKey("kpl", spec.name, label_set.version, model_id)
+    source.add(key, {"proxies": np.ones((2, 8), np.float32)}, {"label_set_version": 1, "n": 1})
+    fit = source.add(key, {"proxies": np.full((2, 8), 2, np.float32)}, {"label_set_version": 1, "n": 2})  # v2
+    calibration = Calibration("kpl", spec.name, label_set.version, model_id, temperature=1.7, coverage=0.9,
+                              set_threshold=0.2, method_state_version=fit.version,
+                              method_state_created_at=fit.created_at.isoformat(), images={"temperature": 10})
+    source.add(StateKey(calibration_kind("kpl"), spec.name, label_set.version, model_id), *calibration.to_state())
+    staging = tmp_path / "staging"
+    entries = stage_state(source, [label_set], model_id, staging)
+    assert {Path(e.path).name for e in entries} == {"kpl.npz", "calibration.kpl.npz", "state.json"}
+
+    target_sets, target = store(tmp_path / "target")
+    target_sets.create(spec, model_id=model_id, class_embeddings=embeddings)
+    changed = spec.model_copy(update={"description": "v2 here"})
+    here = target_sets.replace(changed, model_id=model_id, class_embeddings=embeddings)        # version 2 here
+    assert restore_state(target, staging, {spec.name: here.version}, model_id) == 2
+    assert restore_state(target, staging, {spec.name: here.version}, model_id) == 0            # not twice
+
+    def decode(arrays, meta, version, created_at):
+        return SimpleNamespace(arrays=arrays, meta=meta, version=version, created_at=created_at)
+
+    fit_here = target.current(StateKey("kpl", spec.name, here.version, model_id), decode)
+    assert fit_here.version == 1 and (fit_here.arrays["proxies"] == 2).all()      # only the current fit travels
+    assert fit_here.meta["label_set_version"] == here.version
+    calibration_here = target.current(StateKey(calibration_kind("kpl"), spec.name, here.version, model_id),
+                                      Calibration.from_state)
+    assert calibration_here.temperature == 1.7 and calibration_here.applies_to(fit_here)
+
+
+def test_a_meduna_adapter_on_a_built_in_label_set_survives_the_trip(tmp_path: Path) -> None:
+    from app.jobs import train_meduna
+    from tests.api.test_adapters import QUICK, bundle_files
+    from tests.factories import labelled_folder
+
+    label_set = "chest-xray-pneumonia"
+    images = labelled_folder(tmp_path / "images", {"normal": 6, "pneumonia": 6})
+    train_meduna.main(tiny_settings(tmp_path / "train"), label_set, images, tmp_path / "adapter", config=QUICK,
+                      progress=False)
+    source = tiny_settings(tmp_path / "source")
+    with running_app(source) as client:
+        assert client.post("/adapters", files=bundle_files(tmp_path / "adapter")).status_code == 201
+        expected = probabilities(client, label_set, "meduna")
+        adapter_id = client.get("/adapters").json()["data"][0]["id"]
+    bundle = tmp_path / "adapter.tar"
+    asyncio.run(export_bundle(source, bundle, label_sets=[label_set], with_state=True, with_knowledge_base=False,
+                              progress=False))
+    imported = asyncio.run(import_bundle(tiny_settings(tmp_path / "target"), bundle, progress=False))
+    assert imported.states == 1
+    with running_app(tiny_settings(tmp_path / "target", model_name=imported.model_name)) as client:
+        assert_same(probabilities(client, label_set, "meduna"), expected)
+        assert client.get("/adapters").json()["data"][0]["id"] == adapter_id
