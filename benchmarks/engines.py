@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accuracy import cpu_flags, model_parser  # benchmarks/accuracy.py, beside this script
-from throughput import DEFAULT_DATA_DIR, load_images, synthesise_images  # benchmarks/throughput.py
+from throughput import DEFAULT_DATA_DIR, benchmark_images  # benchmarks/throughput.py
 from torch.utils.flop_counter import FlopCounterMode
 
 from app.encoders.engines import (
@@ -135,10 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings(model_name=args.model_name, pretrained=args.pretrained, device="cpu",
                             data_dir=Path(work), engine="torch", log_level="warning")
         encoder = load_encoder(settings)
-        data_dir = args.data_dir or (DEFAULT_DATA_DIR if DEFAULT_DATA_DIR.is_dir() else None)
-        count = max(args.images, large)
-        payloads = load_images(data_dir, count) if data_dir else synthesise_images(count)
-        source = f"{count} PNGs from {data_dir}" if data_dir else f"{count} synthesised PNGs"
+        payloads, source = benchmark_images(args.data_dir, max(args.images, large))
         pixels = torch.stack([encoder.preprocess(decode_image(p, max_pixels=2**26, max_aspect_ratio=20).image)
                               for p in payloads])
         spec = next(s for s in BUILTIN_LABEL_SETS if s.name == "chest-xray-pneumonia")

@@ -44,13 +44,12 @@ from accuracy import cpu_flags, model_parser  # benchmarks/accuracy.py, beside t
 from throughput import (  # benchmarks/throughput.py
     DEFAULT_DATA_DIR,
     REQUEST_TIMEOUT_SECONDS,
+    benchmark_images,
     error_log_lines,
     free_port,
-    load_images,
     run_script,
     server_env,
     stop_server,
-    synthesise_images,
     tail,
     wait_ready,
 )
@@ -347,14 +346,7 @@ async def soak(args: argparse.Namespace, base_url: str, server: subprocess.Popen
 
 
 def load_payloads(args: argparse.Namespace) -> Payloads:
-    data_dir = args.data_dir or (DEFAULT_DATA_DIR if DEFAULT_DATA_DIR.is_dir() else None)
-    if data_dir is not None:
-        if not data_dir.is_dir():
-            raise SystemExit(f"--data-dir {data_dir} is not a directory")
-        pngs, png_source = load_images(data_dir, args.images), f"{args.images} PNGs from {data_dir}"
-    else:
-        pngs = synthesise_images(args.images)
-        png_source = f"{args.images} SYNTHESISED PNGs (224×224 grey noise; no {DEFAULT_DATA_DIR} on this machine)"
+    pngs, png_source = benchmark_images(args.data_dir, args.images)
     dicom_paths = sorted(args.dicom_dir.glob("*.dcm")) if args.dicom_dir.is_dir() else []
     dicoms = [path.read_bytes() for path in dicom_paths]
     if dicoms:

@@ -96,6 +96,17 @@ def load_images(data_dir: Path, count: int) -> list[bytes]:
     return [path.read_bytes() for path in itertools.islice(itertools.cycle(paths), count)]
 
 
+def benchmark_images(data_dir: Path | None, count: int) -> tuple[list[bytes], str]:
+    """`count` PNGs from --data-dir (default DEFAULT_DATA_DIR where it exists), else synthesised; and what they are."""
+    data_dir = data_dir or (DEFAULT_DATA_DIR if DEFAULT_DATA_DIR.is_dir() else None)
+    if data_dir is None:
+        return synthesise_images(count), (f"{count} SYNTHESISED PNGs (224×224 grey noise; no {DEFAULT_DATA_DIR} "
+                                          "on this machine)")
+    if not data_dir.is_dir():
+        raise SystemExit(f"--data-dir {data_dir} is not a directory")
+    return load_images(data_dir, count), f"{count} PNGs from {data_dir}"
+
+
 def synthesise_images(count: int, size: int = 224) -> list[bytes]:
     """Seeded grey gradient + noise PNGs, for machines without the shared datasets."""
     rng = np.random.default_rng(0)
@@ -609,7 +620,7 @@ def format_compare_table(rows: list[PeerRow]) -> str:
 def main_compare(args: argparse.Namespace, payloads: list[bytes], source: str, load_average: float) -> int:
     with tempfile.TemporaryDirectory(prefix="medzero-compare-") as work_dir:
         model_id, device, rows, notes = benchmark_compare(args, payloads, Path(work_dir))
-    print(f"model `{model_id}` · precision {args.precision} · device {device}; {len(payloads)} {source}; "
+    print(f"model `{model_id}` · precision {args.precision} · device {device}; {source}; "
           f"{args.clients} concurrent single-image clients against every server, one server at a time; label set "
           f"`{args.label_set}`; MEDZERO_MAX_BATCH_SIZE / infinity --batch-size {args.batch_size}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average "
@@ -733,14 +744,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     load_average = os.getloadavg()[0]   # other work on the machine skews every number below
 
-    data_dir = args.data_dir or (DEFAULT_DATA_DIR if DEFAULT_DATA_DIR.is_dir() else None)
-    if data_dir is not None:
-        if not data_dir.is_dir():
-            raise SystemExit(f"--data-dir {data_dir} is not a directory")
-        payloads, source = load_images(data_dir, args.images), f"images from {data_dir}"
-    else:
-        payloads = synthesise_images(args.images)
-        source = f"SYNTHESISED images (224×224 grey noise; no {DEFAULT_DATA_DIR} on this machine)"
+    payloads, source = benchmark_images(args.data_dir, args.images)
     if args.compare:
         return main_compare(args, payloads, source, load_average)
 
@@ -759,7 +763,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"model `{model_id}` · precision {args.precision} · device {device} "
           f"(server: `{readiness.get('model')}` on {readiness.get('device')})")
-    print(f"{len(payloads)} {source}; label set `{args.label_set}`; server MEDZERO_MAX_BATCH_SIZE={args.batch_size}; "
+    print(f"{source}; label set `{args.label_set}`; server MEDZERO_MAX_BATCH_SIZE={args.batch_size}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average "
           f"{load_average:.1f} at start; clients and server share this machine, loopback only")
     if readiness.get("model") != model_id:

@@ -44,7 +44,7 @@ from app.bundles.archive import (
     unpacked,
     write_bundle,
 )
-from app.domain import LabelSetSpec
+from app.domain import LabelSet, LabelSetSpec
 from app.errors import InvalidInput
 from app.knowledge.index import index_dir
 
@@ -104,6 +104,11 @@ def _versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             continue
     return found
+
+
+def spec_of(label_set: LabelSet) -> LabelSetSpec:
+    """What was registered, without the store's version and timestamps: what a bundle carries and compares."""
+    return LabelSetSpec.model_validate(label_set.model_dump(include=set(LabelSetSpec.model_fields)))
 
 
 def _slug(text: str) -> str:
@@ -198,9 +203,8 @@ async def export_bundle(settings, out: Path, *, label_sets: list[str] | None = N
                     shutil.copy2(path, staging / INDEX_DIR / path.name)
                     files.append(entry_for(staging, staging / INDEX_DIR / path.name, "index"))
             if wanted:
-                specs = [{"version": known[name].version, "spec": LabelSetSpec.model_validate(
-                    known[name].model_dump(include=set(LabelSetSpec.model_fields))).model_dump(mode="json")}
-                    for name in wanted]
+                specs = [{"version": known[name].version, "spec": spec_of(known[name]).model_dump(mode="json")}
+                         for name in wanted]
                 (staging / LABEL_SETS_FILE).write_text(json.dumps(specs, indent=2), encoding="utf-8")
                 files.append(entry_for(staging, staging / LABEL_SETS_FILE, "label_sets"))
             if with_state:
@@ -392,8 +396,7 @@ async def import_bundle(settings, bundle: Path, *, force: bool = False, progress
             raise BundleConflict(f"{target} already holds another bundle of {manifest['model']['model_id']} "
                                  "(different files): pass --force to replace it")
         stored = {label_set.name: label_set for label_set in Runtime(settings).repository.list()}
-        clashes = [spec.name for spec in specs if spec.name in stored and LabelSetSpec.model_validate(
-            stored[spec.name].model_dump(include=set(LabelSetSpec.model_fields))) != spec]
+        clashes = [spec.name for spec in specs if spec.name in stored and spec_of(stored[spec.name]) != spec]
         if clashes and not force:
             raise BundleConflict(f"label set(s) {', '.join(clashes)} already exist here with other classes or "
                                  "prompts: pass --force to replace them (each gets a new version)")
@@ -425,8 +428,7 @@ async def import_bundle(settings, bundle: Path, *, force: bool = False, progress
         for spec in specs:
             if spec.name not in here:
                 runtime.label_sets.create(spec)
-            elif (spec.name in clashes or spec.name not in stored) and LabelSetSpec.model_validate(
-                    here[spec.name].model_dump(include=set(LabelSetSpec.model_fields))) != spec:
+            elif (spec.name in clashes or spec.name not in stored) and spec_of(here[spec.name]) != spec:
                 runtime.label_sets.replace(spec.name, spec)     # a clash (--force), or a built-in as bundled
         runtime.knowledge.sync(runtime.label_sets.list(), progress=progress)
         states = 0
@@ -474,9 +476,9 @@ def served_manifest(runtime) -> dict:
     files = [asdict(entry_for(corpus_dir, path, "knowledge_base")) for path in sorted(corpus_dir.glob("*.json"))]
     index = runtime.knowledge.manifest
     label_sets = [{"name": label_set.name, "version": label_set.version, "builtin": label_set.builtin,
-                   "sha256": hashlib.sha256(json.dumps(LabelSetSpec.model_validate(label_set.model_dump(
-                       include=set(LabelSetSpec.model_fields))).model_dump(mode="json"), sort_keys=True).encode()
-                   ).hexdigest()} for label_set in runtime.label_sets.list()]
+                   "sha256": hashlib.sha256(json.dumps(spec_of(label_set).model_dump(mode="json"),
+                                                       sort_keys=True).encode()).hexdigest()}
+                  for label_set in runtime.label_sets.list()]
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "medzero_version": __version__, "versions": _versions(),
         "model": {"model_id": encoder.model_id, "source": settings.model_name,
